@@ -1,0 +1,1 @@
+"""The ``esfm`` command line: thin click commands over the library."""

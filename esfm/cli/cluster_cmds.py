@@ -1,0 +1,224 @@
+"""``esfm cluster``: start, stop and inspect a local Elasticsearch cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from esfm import cluster as local_cluster
+from esfm.cli.common import console, handle_errors, json_option, print_json
+
+name_option = click.option(
+    "--name",
+    default="default",
+    show_default=True,
+    help="Name of the local cluster; its files live in $ESFM_HOME/clusters/NAME.",
+)
+
+
+class ProgressRenderer:
+    """Draw library progress events as one rich progress bar per stage."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, event: local_cluster.ProgressEvent) -> None:
+        task = self.tasks.get(event.stage)
+        if task is None:
+            task = self.progress.add_task(event.message, total=event.total, count="")
+            self.tasks[event.stage] = task
+        self.progress.update(
+            task,
+            description=event.message,
+            total=event.total,
+            completed=event.completed or 0,
+            count=_count_text(event),
+        )
+
+    def finish(self) -> None:
+        """Mark every stage as complete so no bar is left half-drawn."""
+        for task in self.tasks.values():
+            total = self.progress.tasks[task].total
+            if total is not None:
+                self.progress.update(task, completed=total)
+
+
+def _count_text(event: local_cluster.ProgressEvent) -> str:
+    # Download events count bytes, the others count files or nodes.
+    if event.completed is None:
+        return ""
+    if event.stage == "download":
+        return f"{event.completed / 1e6:.1f} MB"
+    if event.total is None:
+        return str(event.completed)
+    return f"{event.completed}/{event.total}"
+
+
+def _progress() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+@click.group()
+def cluster() -> None:
+    """Run a local Elasticsearch cluster on 127.0.0.1 for development and tests."""
+
+
+@cluster.command()
+@name_option
+@click.option("--nodes", default=1, show_default=True, help="Number of nodes.")
+@click.option(
+    "--port",
+    default=local_cluster.DEFAULT_HTTP_PORT,
+    show_default=True,
+    help="HTTP port of the first node; node i uses PORT+i, and transport "
+    f"ports start at PORT+{local_cluster.TRANSPORT_PORT_OFFSET}.",
+)
+@click.option(
+    "--heap",
+    default=None,
+    help="JVM heap per node, such as 512m or 1g  [default: 1g for one node, "
+    "512m each for several]",
+)
+@click.option(
+    "--version",
+    "version",
+    default=None,
+    help="Elasticsearch version  [default: the version inside --dist, else "
+    f"{local_cluster.DEFAULT_VERSION}]",
+)
+@click.option(
+    "--dist",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="ESFM_ES_DIST",
+    help="Local integ-test-zip distribution to use instead of fetching one "
+    "with mvn.  [env: ESFM_ES_DIST]",
+)
+@click.option(
+    "--clean", is_flag=True, help="Delete data and logs of a previous run first."
+)
+@click.option(
+    "--timeout",
+    default=180.0,
+    show_default=True,
+    help="Seconds to wait for the cluster to become healthy.",
+)
+@handle_errors
+def start(
+    name: str,
+    nodes: int,
+    port: int,
+    heap: str | None,
+    version: str | None,
+    dist: Path | None,
+    clean: bool,
+    timeout: float,
+) -> None:
+    """Start a local cluster and wait until it is healthy."""
+    with _progress() as progress:
+        renderer = ProgressRenderer(progress)
+        state = local_cluster.start(
+            name=name,
+            nodes=nodes,
+            http_port=port,
+            heap=heap,
+            version=version,
+            wait_timeout=timeout,
+            clean=clean,
+            dist_zip=dist,
+            on_progress=renderer,
+        )
+        renderer.finish()
+    console.print(
+        f"Local cluster [bold]{name}[/] (Elasticsearch {state.version}, "
+        f"{len(state.nodes)} node(s)) is running at {state.url}"
+    )
+    console.print(f"State file: {state.path}")
+
+
+@cluster.command()
+@name_option
+@click.option(
+    "--timeout",
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait after SIGTERM before sending SIGKILL.",
+)
+@click.option(
+    "--wipe", is_flag=True, help="Also delete the cluster's data, logs and config."
+)
+@handle_errors
+def stop(name: str, timeout: float, wipe: bool) -> None:
+    """Stop every node of a local cluster."""
+    result = local_cluster.stop(name, timeout=timeout)
+    for node_name in result.killed:
+        console.print(
+            f"[yellow]node {node_name} did not stop within {timeout:g}s of "
+            "SIGTERM and was killed with SIGKILL[/]"
+        )
+    console.print(
+        f"Stopped local cluster [bold]{name}[/] ({len(result.stopped)} node(s))"
+    )
+    if wipe:
+        directory = local_cluster.wipe(name)
+        console.print(f"Deleted {directory}")
+
+
+@cluster.command()
+@name_option
+@json_option
+@handle_errors
+def status(name: str, as_json: bool) -> None:
+    """Show the nodes, health and version of a local cluster."""
+    report = local_cluster.status(name)
+    if as_json:
+        print_json(report.to_dict())
+        return
+
+    health = report.health or {}
+    state = health.get("status", "unknown" if report.running else "stopped")
+    console.print(
+        f"Local cluster [bold]{report.name}[/]: {state}, Elasticsearch "
+        f"{report.version}, {report.url}"
+    )
+    if report.error:
+        console.print(f"[yellow]{report.error}[/]")
+    table = Table("node", "running", "pid", "http port", "transport port")
+    for node in report.nodes:
+        table.add_row(
+            node.name,
+            "yes" if node.running else "no",
+            str(node.pid or "-"),
+            str(node.http_port),
+            str(node.transport_port),
+        )
+    console.print(table)
+
+
+@cluster.command()
+@name_option
+@handle_errors
+def wipe(name: str) -> None:
+    """Delete the data, logs and config of a stopped local cluster."""
+    directory = local_cluster.wipe(name)
+    console.print(f"Deleted {directory}")
+
+
+COMMANDS = [cluster]

@@ -1,0 +1,201 @@
+"""Connection settings for an Elasticsearch cluster, and the client built from them.
+
+Settings come from, in rising priority: the local cluster state file (when a
+local cluster started by ``esfm cluster start`` is running), a TOML config
+file, ``ESFM_*`` environment variables, then explicit options. Secrets
+(password, API key, bearer token) are read from the environment or the config
+file only, and ``ConnectionSettings.__repr__`` masks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from elasticsearch import Elasticsearch
+
+from esfm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:9200"
+SECRET_FIELDS = ("password", "api_key", "bearer_token")
+
+ENV_VARS = {
+    "url": "ESFM_URL",
+    "username": "ESFM_USERNAME",
+    "password": "ESFM_PASSWORD",
+    "api_key": "ESFM_API_KEY",
+    "bearer_token": "ESFM_BEARER_TOKEN",
+    "ca_certs": "ESFM_CA_CERTS",
+    "ssl_fingerprint": "ESFM_SSL_FINGERPRINT",
+    "request_timeout": "ESFM_REQUEST_TIMEOUT",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionSettings:
+    """Where and how to reach one cluster."""
+
+    url: str = DEFAULT_URL
+    username: str | None = None
+    password: str | None = None
+    api_key: str | None = None
+    bearer_token: str | None = None
+    ca_certs: str | None = None
+    ssl_fingerprint: str | None = None
+    verify_certs: bool = True
+    request_timeout: float = 30.0
+
+    def __repr__(self) -> str:
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in SECRET_FIELDS and value:
+                value = "***"
+            shown.append(f"{field.name}={value!r}")
+        return f"ConnectionSettings({', '.join(shown)})"
+
+    __str__ = __repr__
+
+    def describe(self) -> dict[str, Any]:
+        """Return the settings with secrets replaced by whether they are set."""
+        described = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            described[name] = "set" if described[name] else None
+        return described
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read the ``[connection]`` table of a TOML config file.
+
+    Warns when the file is readable by other users, because it may contain
+    secrets.
+    """
+    config_path = Path(path)
+    try:
+        raw = config_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config file {str(config_path)!r}: {exc.strerror}",
+            hint="pass an existing file with --config or unset ESFM_CONFIG",
+        ) from exc
+    mode = config_path.stat().st_mode
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        logger.warning(
+            "config file %s is readable by other users; run: chmod 600 %s",
+            config_path,
+            config_path,
+        )
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            f"invalid TOML in config file {str(config_path)!r}: {exc}"
+        ) from exc
+    section = document.get("connection", {})
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"[connection] in {str(config_path)!r} must be a table, "
+            f"not {type(section).__name__}"
+        )
+    known = {field.name for field in dataclasses.fields(ConnectionSettings)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)} in [connection] of "
+            f"{str(config_path)!r}",
+            hint=f"valid keys: {', '.join(sorted(known))}",
+        )
+    return section
+
+
+def _local_cluster_url() -> str | None:
+    # Imported here because the local cluster module is heavier and optional.
+    from esfm import cluster
+
+    try:
+        state = cluster.read_state()
+    except Exception:  # a broken state file must not stop remote use
+        logger.debug("ignoring unreadable local cluster state", exc_info=True)
+        return None
+    if state is None or not state.is_running():
+        return None
+    return state.url
+
+
+def resolve_settings(
+    *,
+    config_file: str | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> ConnectionSettings:
+    """Merge the state file, config file, environment and explicit overrides.
+
+    Args:
+        config_file: TOML file path; defaults to ``$ESFM_CONFIG`` when set.
+        environ: environment mapping, ``os.environ`` by default.
+        **overrides: field values from command-line options; None means unset.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+
+    config_file = config_file or env.get("ESFM_CONFIG")
+    if config_file:
+        values.update(load_config_file(config_file))
+    for field, variable in ENV_VARS.items():
+        if env.get(variable):
+            values[field] = env[variable]
+    if env.get("ESFM_VERIFY_CERTS", "").lower() in ("0", "false", "no"):
+        values["verify_certs"] = False
+    values.update({key: value for key, value in overrides.items() if value is not None})
+
+    if "url" not in values:
+        values["url"] = _local_cluster_url() or DEFAULT_URL
+    if "request_timeout" in values:
+        try:
+            values["request_timeout"] = float(values["request_timeout"])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"invalid request timeout {values['request_timeout']!r}",
+                hint="give a number of seconds, for example ESFM_REQUEST_TIMEOUT=30",
+            ) from exc
+    if values.get("password") and not values.get("username"):
+        raise ConfigError(
+            "a password is set but no username",
+            hint="set ESFM_USERNAME or --username",
+        )
+    if not str(values["url"]).startswith(("http://", "https://")):
+        raise ConfigError(
+            f"invalid cluster URL {values['url']!r}",
+            hint="use http://HOST:PORT or https://HOST:PORT",
+        )
+    return ConnectionSettings(**values)
+
+
+def create_client(settings: ConnectionSettings) -> Elasticsearch:
+    """Build an ``Elasticsearch`` client; no request is sent yet."""
+    options: dict[str, Any] = {
+        "request_timeout": settings.request_timeout,
+        "retry_on_timeout": True,
+        "max_retries": 2,
+    }
+    if settings.username:
+        options["basic_auth"] = (settings.username, settings.password or "")
+    if settings.api_key:
+        options["api_key"] = settings.api_key
+    if settings.bearer_token:
+        options["bearer_auth"] = settings.bearer_token
+    if settings.url.startswith("https://"):
+        if settings.ca_certs:
+            options["ca_certs"] = settings.ca_certs
+        if settings.ssl_fingerprint:
+            options["ssl_assert_fingerprint"] = settings.ssl_fingerprint
+        options["verify_certs"] = settings.verify_certs
+    logger.debug("connecting with %r", settings)
+    return Elasticsearch(settings.url, **options)

@@ -1,0 +1,406 @@
+"""The query API: cold-start, known-user and similar-item recommendations.
+
+``Recommender`` caches the metadata vectors it fetched, keyed on the concrete
+index behind the alias. Every search response names the index each hit came
+from; when that differs from the cached one the alias was swapped, so the
+cache is dropped and the query is run again against the new index. In the
+steady state a cold-start query is one round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from elasticsearch import Elasticsearch
+
+from esfm import aliases
+from esfm.data import normalize_profile
+from esfm.documents import MOVIE, USER_SIDE_TYPES, document_id
+from esfm.errors import QueryError
+from esfm.project import discover_project
+from esfm.server import cluster_errors, server_info
+from esfm.templates import (
+    SearchTemplate,
+    load_templates,
+    registry_entry,
+    search_with_template,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_K = 10_000
+METHODS = ("knn", "script_score")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendation:
+    """One ranked movie.
+
+    ``rank_value`` is the FM rank value ``b_M + <v_U, v_M>`` recovered from the
+    search score; ``score`` is the score as Elasticsearch returned it.
+    """
+
+    movie_id: str
+    title: str | None
+    genres: tuple[str, ...]
+    score: float
+    rank_value: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "genres": list(self.genres)}
+
+
+def rank_value_from_score(score: float) -> float:
+    """Invert the ``max_inner_product`` score transform of Elasticsearch.
+
+    Elasticsearch scores a dot product ``d`` as ``d + 1`` when ``d >= 0`` and
+    ``1 / (1 - d)`` otherwise, so that scores stay positive.
+    """
+    if score >= 1.0:
+        return score - 1.0
+    return 1.0 - 1.0 / score
+
+
+def check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise QueryError(
+            f"invalid k {k!r}: it must be an integer from 1 to {MAX_K}",
+            hint="pass -k 10, for example",
+        )
+    return k
+
+
+@dataclasses.dataclass
+class QueryOutcome:
+    """Recommendations plus how they were obtained."""
+
+    recommendations: list[Recommendation]
+    index: str
+    path: str
+    round_trips: int
+
+
+class Recommender:
+    """Recommendations served from the index behind ``alias``.
+
+    Args:
+        client: an Elasticsearch client.
+        alias: alias or index name that holds the model documents.
+        templates_dir: folder of the search templates; the project's by default.
+        method: ``"knn"`` (search templates on ``rank_vector``) or
+            ``"script_score"`` (painless ``dotProduct``, needs ``lang-painless``).
+        require_pushed: use only templates pushed to the cluster. When False
+            (as validation before a first push does), the project's template
+            files are rendered locally.
+    """
+
+    def __init__(
+        self,
+        client: Elasticsearch,
+        alias: str = "recsys",
+        *,
+        templates_dir: Path | None = None,
+        method: str = "knn",
+        require_pushed: bool = True,
+    ) -> None:
+        if method not in METHODS:
+            raise QueryError(
+                f"unknown ranking method {method!r}", hint=f"use one of {METHODS}"
+            )
+        self.client = client
+        self.alias = alias
+        self.method = method
+        self.require_pushed = require_pushed
+        self._templates_dir = templates_dir or discover_project().templates_dir
+        self._templates: dict[str, SearchTemplate] | None = None
+        self._checked_templates: set[str] = set()
+        self._index: str | None = None
+        self._vectors: dict[str, np.ndarray] = {}
+        self._sources: dict[str, dict[str, Any]] = {}
+
+    # -- cache -------------------------------------------------------------
+
+    @property
+    def index(self) -> str:
+        """The concrete index the cache belongs to, resolved on first use."""
+        if self._index is None:
+            self._index = aliases.alias_target(self.client, self.alias) or self.alias
+        return self._index
+
+    def invalidate(self) -> None:
+        """Drop cached vectors and the resolved index, as after an alias swap."""
+        self._index = None
+        self._vectors.clear()
+        self._sources.clear()
+
+    def _fetch(self, ids: list[str]) -> int:
+        """Fetch missing documents into the cache; return round trips used."""
+        missing = [doc_id for doc_id in ids if doc_id not in self._vectors]
+        if not missing:
+            return 0
+        source: Any = True
+        if server_info(self.client).excludes_source_vectors:
+            source = {"exclude_vectors": False}
+        with cluster_errors(self.client, f"fetching metadata from {self.index}"):
+            response = self.client.search(
+                index=self.index,
+                query={"ids": {"values": missing}},
+                source=source,
+                size=len(missing),
+            )
+        for hit in response["hits"]["hits"]:
+            self._index = hit["_index"]
+            embedding = hit["_source"].get("embedding")
+            if embedding is None:
+                raise QueryError(
+                    f"document {hit['_id']} in {hit['_index']} has no embedding",
+                    hint="rebuild the index with esfm migrate",
+                )
+            self._vectors[hit["_id"]] = np.asarray(embedding, dtype=np.float32)
+            self._sources[hit["_id"]] = hit["_source"]
+        not_found = [doc_id for doc_id in missing if doc_id not in self._vectors]
+        if not_found:
+            feature_type, _, value = not_found[0].partition(":")
+            raise QueryError(
+                f"unknown {feature_type} {value!r}: no document {not_found[0]!r} in "
+                f"index {self.index} (alias {self.alias})",
+                hint="check the value, or that the alias holds the model you trained",
+            )
+        return 1
+
+    def profile_vector(self, profile: dict[str, str]) -> tuple[np.ndarray, int]:
+        """Return ``v_U``, the sum of the profile's embeddings, and round trips."""
+        if not profile:
+            raise QueryError(
+                "empty profile: give at least one of gender, age, occupation, user"
+            )
+        ids = [
+            document_id(feature_type, profile[feature_type])
+            for feature_type in (*USER_SIDE_TYPES, MOVIE)
+            if feature_type in profile
+        ]
+        trips = self._fetch(ids)
+        total = np.zeros_like(self._vectors[ids[0]])
+        for doc_id in ids:
+            total = total + self._vectors[doc_id]
+        return total.astype(np.float32), trips
+
+    # -- templates ---------------------------------------------------------
+
+    def _template(self, name: str) -> SearchTemplate:
+        if self._templates is None:
+            self._templates = load_templates(self._templates_dir)
+        if name not in self._templates:
+            raise QueryError(f"unknown template {name!r}")
+        template = self._templates[name]
+        if self.require_pushed and template.script_id not in self._checked_templates:
+            entry = registry_entry(self.client, template.script_id)
+            if entry is None or entry["checksum"] != template.checksum:
+                raise QueryError(
+                    f"template {template.script_id} is "
+                    f"{'not pushed' if entry is None else 'pushed with other source'}"
+                    " on this cluster",
+                    hint="run: esfm templates push",
+                )
+            self._checked_templates.add(template.script_id)
+        return template
+
+    # -- queries -----------------------------------------------------------
+
+    def _search(
+        self, template_name: str, params: dict[str, Any]
+    ) -> tuple[dict[str, Any], str]:
+        if self.method == "script_score" and template_name == "cold_start":
+            return self._script_score(params), "script_score"
+        return search_with_template(
+            self.client,
+            self.index,
+            self._template(template_name),
+            params,
+            force_local=not self.require_pushed,
+        )
+
+    def _script_score(self, params: dict[str, Any]) -> dict[str, Any]:
+        if not server_info(self.client).has_painless:
+            raise QueryError(
+                "the cluster has no lang-painless module, so script_score is "
+                "unavailable",
+                hint="use --method knn",
+            )
+        from esfm.indexing import read_meta
+
+        max_norm = float(read_meta(self.client, self.index)["max_rank_vector_norm"])
+        query_vector = params["query_vector"]
+        # script_score rejects negative scores; |q|*max|r| bounds -<q, r>.
+        offset = math.sqrt(sum(x * x for x in query_vector)) * max_norm
+        body = {
+            "size": params["k"],
+            "_source": ["feature_type", "value", "title", "genres"],
+            "query": {
+                "script_score": {
+                    "query": {
+                        "bool": {
+                            "filter": [{"term": {"feature_type": MOVIE}}],
+                            "must_not": [
+                                {"terms": {"value": params.get("exclude_movies", [])}}
+                            ],
+                        }
+                    },
+                    "script": {
+                        "source": "dotProduct(params.query_vector, 'rank_vector') "
+                        "+ params.offset",
+                        "params": {"query_vector": query_vector, "offset": offset},
+                    },
+                }
+            },
+        }
+        with cluster_errors(self.client, f"script_score search on {self.index}"):
+            response = dict(self.client.search(index=self.index, body=body))
+        response["_esfm_offset"] = offset
+        return response
+
+    def _run(
+        self, template_name: str, profile: dict[str, str], params: dict[str, Any]
+    ) -> QueryOutcome:
+        for attempt in (1, 2):
+            vector, trips = self.profile_vector(profile)
+            query_vector = [float(x) for x in vector] + [1.0]
+            if template_name == "similar_items":
+                query_vector = query_vector[:-1]
+            response, path = self._search(
+                template_name, {**params, "query_vector": query_vector}
+            )
+            trips += 1
+            hits = response["hits"]["hits"]
+            served_by = {hit["_index"] for hit in hits}
+            if served_by and served_by != {self.index} and attempt == 1:
+                logger.info(
+                    "alias %s moved from %s to %s; refreshing cached vectors",
+                    self.alias,
+                    self.index,
+                    ", ".join(sorted(served_by)),
+                )
+                self.invalidate()
+                continue
+            break
+        offset = response.get("_esfm_offset")
+        recommendations = [
+            self._recommendation(hit, offset, template_name) for hit in hits
+        ]
+        return QueryOutcome(recommendations, self.index, path, trips)
+
+    @staticmethod
+    def _recommendation(
+        hit: dict[str, Any], offset: float | None, template_name: str
+    ) -> Recommendation:
+        source = hit["_source"]
+        score = float(hit["_score"])
+        if offset is not None:
+            rank_value = score - offset
+        elif template_name == "similar_items":
+            rank_value = 2.0 * score - 1.0  # cosine: score = (1 + cos) / 2
+        else:
+            rank_value = rank_value_from_score(score)
+        return Recommendation(
+            movie_id=str(source["value"]),
+            title=source.get("title"),
+            genres=tuple(source.get("genres") or ()),
+            score=score,
+            rank_value=rank_value,
+        )
+
+    def _params(
+        self, k: int, exclude: list[str] | None, genres: list[str] | None
+    ) -> dict[str, Any]:
+        check_k(k)
+        return {
+            "k": k,
+            "num_candidates": min(MAX_K, max(100, 2 * k)),
+            "exclude_movies": [str(movie) for movie in exclude or []],
+            "filter_genres": bool(genres),
+            "genres": list(genres or []),
+        }
+
+    def cold_start_outcome(
+        self,
+        *,
+        gender: str | None = None,
+        age: str | int | None = None,
+        occupation: str | int | None = None,
+        k: int = 10,
+        exclude: list[str] | None = None,
+        genres: list[str] | None = None,
+    ) -> QueryOutcome:
+        """Rank movies for a user never seen in training, from metadata only."""
+        profile = normalize_profile(gender=gender, age=age, occupation=occupation)
+        return self._run("cold_start", profile, self._params(k, exclude, genres))
+
+    def cold_start(self, **kwargs: Any) -> list[Recommendation]:
+        """Same as ``cold_start_outcome``, returning only the recommendations."""
+        return self.cold_start_outcome(**kwargs).recommendations
+
+    def profile_outcome(
+        self,
+        profile: dict[str, str],
+        *,
+        k: int = 10,
+        exclude: list[str] | None = None,
+    ) -> QueryOutcome:
+        """Rank movies for an already normalized profile (see ``normalize_profile``)."""
+        return self._run("cold_start", profile, self._params(k, exclude, None))
+
+    def known_user(
+        self, user_id: str | int, *, k: int = 10, exclude: list[str] | None = None
+    ) -> QueryOutcome:
+        """Rank movies for a user seen in training: user plus metadata vectors."""
+        user_doc = document_id("user", str(user_id))
+        self._fetch([user_doc])
+        source = self._sources[user_doc]
+        profile = {"user": str(user_id)}
+        for feature_type in ("age", "gender", "occupation"):
+            if source.get(feature_type) is not None:
+                profile[feature_type] = str(source[feature_type])
+        return self._run("cold_start", profile, self._params(k, exclude, None))
+
+    def find_movie(self, title: str) -> dict[str, Any]:
+        """Return the movie document whose title matches ``title`` best."""
+        if not title.strip():
+            raise QueryError("empty movie title")
+        source: Any = {"excludes": ["embedding", "rank_vector"]}
+        with cluster_errors(self.client, f"looking up title {title!r}"):
+            response = self.client.search(
+                index=self.index,
+                size=1,
+                source=source,
+                query={
+                    "bool": {
+                        "filter": [{"term": {"feature_type": MOVIE}}],
+                        "should": [
+                            {"term": {"title.raw": {"value": title, "boost": 10}}},
+                            {"match": {"title": {"query": title, "operator": "and"}}},
+                        ],
+                        "minimum_should_match": 1,
+                    }
+                },
+            )
+        hits = response["hits"]["hits"]
+        if not hits:
+            raise QueryError(
+                f"no movie title matches {title!r} in {self.index}",
+                hint='give the full title with its year, e.g. "Toy Story (1995)"',
+            )
+        return hits[0]["_source"]
+
+    def similar(
+        self, title: str, *, k: int = 10, genres: list[str] | None = None
+    ) -> QueryOutcome:
+        """Movies closest to ``title`` by cosine on the movie-side embedding."""
+        movie = self.find_movie(title)
+        movie_id = str(movie["value"])
+        params = self._params(k, [movie_id], genres)
+        return self._run("similar_items", {"movie": movie_id}, params)

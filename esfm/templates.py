@@ -1,0 +1,481 @@
+"""Versioned mustache search templates: files, parameters, rendering and storage.
+
+A template file ``templates/<name>.mustache`` starts with a mustache comment
+header::
+
+    {{!
+    name: cold_start
+    version: 1
+    description: Rank movies for a profile vector.
+    param query_vector: vector required
+    param k: int = 10 min 1 max 10000
+    }}
+
+Where the cluster has ``lang-mustache``, ``push`` stores each template as a
+stored script ``esfm-<name>-v<version>`` and searches run it server-side.
+Where it has not, the same source is rendered here with pystache, using
+Elasticsearch's semantics: ``{{var}}`` is JSON-string escaped, and
+``{{#toJson}}param{{/toJson}}`` and ``{{#join}}param{{/join}}`` are provided.
+Either way, every pushed version is recorded in the ``esfm-templates`` index so
+that all operators see the same versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import elasticsearch
+import pystache
+from elasticsearch import Elasticsearch
+
+from esfm.errors import TemplateError
+from esfm.server import cluster_errors, server_info
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_INDEX = "esfm-templates"
+HEADER = re.compile(r"\A\{\{!(?P<body>.*?)\}\}\n?", re.DOTALL)
+PARAM_LINE = re.compile(
+    r"^param\s+(?P<name>[a-z_][a-z0-9_]*)\s*:\s*(?P<type>[a-z\[\]]+)"
+    r"(?:\s*=\s*(?P<default>\S+))?(?P<rest>.*)$"
+)
+PARAM_TYPES = ("int", "float", "str", "bool", "vector", "list[str]")
+MAX_LIST_LENGTH = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateParam:
+    """One declared template parameter."""
+
+    name: str
+    type: str
+    default: Any = None
+    required: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def coerce(self, template: str, value: Any) -> Any:
+        """Check ``value`` against the declared type and bounds; return it typed.
+
+        Strings from the command line are parsed; everything else must already
+        have the right Python type.
+        """
+
+        def invalid(expected: str) -> TemplateError:
+            return TemplateError(
+                f"template {template!r}: parameter {self.name!r} must be {expected}, "
+                f"got {value!r}"
+            )
+
+        if self.type == "int":
+            if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise invalid("an integer")
+        elif self.type == "float":
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise invalid("a number") from None
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise invalid("a number")
+            if not math.isfinite(value):
+                raise invalid("a finite number")
+            value = float(value)
+        elif self.type == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            if not isinstance(value, bool):
+                raise invalid("true or false")
+        elif self.type == "str":
+            if not isinstance(value, str):
+                raise invalid("a string")
+        elif self.type == "vector":
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    raise invalid("a JSON list of numbers") from None
+            if not isinstance(value, list | tuple) or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) for x in value
+            ):
+                raise invalid("a list of numbers")
+            value = [float(x) for x in value]
+            if not all(math.isfinite(x) for x in value):
+                raise invalid("a list of finite numbers")
+        elif self.type == "list[str]":
+            if isinstance(value, str):
+                value = [item for item in value.split(",") if item]
+            if not isinstance(value, list | tuple) or not all(
+                isinstance(x, str) for x in value
+            ):
+                raise invalid("a list of strings")
+            value = list(value)
+        if isinstance(value, list) and len(value) > MAX_LIST_LENGTH:
+            raise invalid(f"a list of at most {MAX_LIST_LENGTH} items")
+        if self.minimum is not None and value < self.minimum:
+            raise invalid(f"at least {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise invalid(f"at most {self.maximum:g}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchTemplate:
+    """A parsed template file."""
+
+    name: str
+    version: int
+    description: str
+    params: dict[str, TemplateParam]
+    source: str
+
+    @property
+    def script_id(self) -> str:
+        return f"esfm-{self.name}-v{self.version}"
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.source.encode("utf-8")).hexdigest()
+
+    def resolve_params(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Fill defaults and check every parameter; unknown names are rejected."""
+        unknown = sorted(set(values) - set(self.params))
+        if unknown:
+            raise TemplateError(
+                f"template {self.name!r} has no parameter(s) {', '.join(unknown)}",
+                hint=f"its parameters: {', '.join(sorted(self.params))}",
+            )
+        resolved: dict[str, Any] = {}
+        for name, param in self.params.items():
+            if name in values and values[name] is not None:
+                resolved[name] = param.coerce(self.name, values[name])
+            elif param.required:
+                raise TemplateError(
+                    f"template {self.name!r}: missing required parameter {name!r}"
+                )
+            else:
+                resolved[name] = param.default
+        return resolved
+
+    def render(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Render the search body locally, with Elasticsearch's mustache semantics."""
+        params = self.resolve_params(values)
+        text = render_mustache(self.source, params)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TemplateError(
+                f"template {self.name!r} v{self.version} rendered invalid JSON: {exc}",
+                hint=f"inspect it with: esfm templates render {self.name}",
+            ) from exc
+
+
+def _json_string_escape(value: Any) -> str:
+    if not isinstance(value, str):
+        value = (
+            json.dumps(value) if isinstance(value, list | dict | bool) else str(value)
+        )
+    return json.dumps(value, ensure_ascii=False)[1:-1]
+
+
+def _lookup(params: dict[str, Any], path: str) -> Any:
+    value: Any = params
+    for part in path.strip().split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            raise TemplateError(
+                f"template refers to unknown parameter {path.strip()!r}"
+            )
+    return value
+
+
+def _no_tags(text: str) -> str:
+    # A joined value is plain text, not JSON, so a "{{" in it cannot be
+    # escaped the JSON way; removing the tag opener keeps it inert.
+    while "{{" in text:
+        text = text.replace("{{", "{")
+    return text
+
+
+def render_mustache(source: str, params: dict[str, Any]) -> str:
+    """Render ``source`` like Elasticsearch's mustache script engine does."""
+
+    def to_json(text: str) -> str:
+        value = _lookup(params, text)
+        dumped = json.dumps(value, ensure_ascii=False)
+        # pystache renders a lambda's result again as a template, so braces
+        # inside string values are escaped to keep them from becoming tags.
+        return _dump_escaping_braces(value) if "{{" in dumped else dumped
+
+    def join(text: str) -> str:
+        value = _lookup(params, text)
+        if not isinstance(value, list):
+            raise TemplateError(f"{{{{#join}}}} needs a list, {text.strip()!r} is not")
+        return _no_tags(",".join(str(item) for item in value))
+
+    context = dict(params)
+    context["toJson"] = to_json
+    context["join"] = join
+    renderer = pystache.Renderer(escape=_json_string_escape, missing_tags="strict")
+    try:
+        return renderer.render(source, context)
+    except pystache.context.KeyNotFoundError as exc:
+        raise TemplateError(f"template refers to an unknown parameter: {exc}") from exc
+
+
+def _dump_escaping_braces(value: Any) -> str:
+    """Dump ``value`` as JSON with braces escaped inside strings only."""
+    if isinstance(value, str):
+        return json.dumps(value).replace("{", "\\u007b").replace("}", "\\u007d")
+    if isinstance(value, list):
+        return "[" + ", ".join(_dump_escaping_braces(item) for item in value) + "]"
+    if isinstance(value, dict):
+        items = (
+            f"{_dump_escaping_braces(str(key))}: {_dump_escaping_braces(item)}"
+            for key, item in value.items()
+        )
+        return "{" + ", ".join(items) + "}"
+    return json.dumps(value)
+
+
+def parse_template(path: Path) -> SearchTemplate:
+    """Parse a ``.mustache`` file with its header."""
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TemplateError(f"cannot read template file {str(path)!r}: {exc}") from exc
+    return parse_template_source(source, path)
+
+
+def parse_template_source(source: str, path: Path) -> SearchTemplate:
+    """Parse template ``source``; ``path`` names it in errors and gives its name."""
+    match = HEADER.match(source)
+    if not match:
+        raise TemplateError(
+            f"template file {str(path)!r} has no {{{{! ... }}}} header",
+            hint="start the file with a header naming name, version and params",
+        )
+    fields: dict[str, str] = {}
+    params: dict[str, TemplateParam] = {}
+    for number, line in enumerate(match.group("body").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("param "):
+            param = _parse_param(path, number, line)
+            params[param.name] = param
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            raise TemplateError(f"{path}: header line {number} is not 'key: value'")
+        fields[key.strip()] = value.strip()
+    for key in ("name", "version"):
+        if key not in fields:
+            raise TemplateError(f"{path}: header has no {key!r}")
+    if fields["name"] != path.stem:
+        raise TemplateError(
+            f"{path}: header name {fields['name']!r} differs from the file name"
+        )
+    if not fields["version"].isdigit():
+        raise TemplateError(f"{path}: version {fields['version']!r} is not a number")
+    return SearchTemplate(
+        name=fields["name"],
+        version=int(fields["version"]),
+        description=fields.get("description", ""),
+        params=params,
+        source=source,
+    )
+
+
+def _parse_param(path: Path, number: int, line: str) -> TemplateParam:
+    match = PARAM_LINE.match(line)
+    if not match or match.group("type") not in PARAM_TYPES:
+        raise TemplateError(
+            f"{path}: header line {number} {line!r} is not a valid parameter",
+            hint=f"write 'param NAME: TYPE [= DEFAULT] [required] [min N] [max N]' "
+            f"with TYPE one of {', '.join(PARAM_TYPES)}",
+        )
+    words = match.group("rest").split()
+    options: dict[str, Any] = {"required": "required" in words}
+    for bound, key in (("min", "minimum"), ("max", "maximum")):
+        if bound in words:
+            position = words.index(bound)
+            try:
+                options[key] = float(words[position + 1])
+            except (IndexError, ValueError):
+                raise TemplateError(
+                    f"{path}: header line {number}: {bound} needs a number"
+                ) from None
+    param = TemplateParam(name=match.group("name"), type=match.group("type"), **options)
+    if match.group("default") is not None:
+        try:
+            default = json.loads(match.group("default"))
+        except json.JSONDecodeError:
+            raise TemplateError(
+                f"{path}: header line {number}: default {match.group('default')!r} "
+                "is not JSON"
+            ) from None
+        param = dataclasses.replace(param, default=param.coerce(path.stem, default))
+    return param
+
+
+def load_templates(templates_dir: Path) -> dict[str, SearchTemplate]:
+    """Parse every ``*.mustache`` file of the project."""
+    if not templates_dir.is_dir():
+        raise TemplateError(f"templates folder {str(templates_dir)!r} not found")
+    return {
+        path.stem: parse_template(path)
+        for path in sorted(templates_dir.glob("*.mustache"))
+    }
+
+
+def get_template(templates_dir: Path, name: str) -> SearchTemplate:
+    templates = load_templates(templates_dir)
+    if name not in templates:
+        raise TemplateError(
+            f"unknown template {name!r}",
+            hint=f"available: {', '.join(sorted(templates)) or 'none'}",
+        )
+    return templates[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class PushResult:
+    """Where one template version went."""
+
+    name: str
+    version: int
+    script_id: str
+    stored_script: bool
+    status: str
+
+
+def _registry_doc(template: SearchTemplate) -> dict[str, Any]:
+    return {
+        "name": template.name,
+        "version": template.version,
+        "description": template.description,
+        "checksum": template.checksum,
+        "source": template.source,
+        "pushed_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+
+
+def push_templates(
+    client: Elasticsearch, templates: dict[str, SearchTemplate]
+) -> list[PushResult]:
+    """Record each template version in the registry, and store it as a script.
+
+    A version already in the registry with different source is rejected: edit
+    the file's version number instead of changing a pushed version.
+    """
+    info = server_info(client)
+    results = []
+    for template in templates.values():
+        registered = registry_entry(client, template.script_id)
+        if registered and registered["checksum"] != template.checksum:
+            raise TemplateError(
+                f"template {template.name!r} v{template.version} was pushed before "
+                "with different source",
+                hint=f"raise the version in {template.name}.mustache and push again",
+            )
+        status = "unchanged" if registered else "registered"
+        if info.has_mustache:
+            with cluster_errors(client, f"storing script {template.script_id}"):
+                client.put_script(
+                    id=template.script_id,
+                    script={"lang": "mustache", "source": template.source},
+                )
+        if not registered:
+            with cluster_errors(client, f"registering {template.script_id}"):
+                client.index(
+                    index=REGISTRY_INDEX,
+                    id=template.script_id,
+                    document=_registry_doc(template),
+                    op_type="create",
+                    refresh="wait_for",
+                )
+        logger.info(
+            "template %s: %s%s",
+            template.script_id,
+            status,
+            ", stored script" if info.has_mustache else "",
+        )
+        results.append(
+            PushResult(
+                template.name,
+                template.version,
+                template.script_id,
+                info.has_mustache,
+                status,
+            )
+        )
+    return results
+
+
+def registry_entry(client: Elasticsearch, script_id: str) -> dict[str, Any] | None:
+    """Return the registry document of one template version, or None."""
+    with cluster_errors(client, f"reading template {script_id}"):
+        try:
+            return client.get(index=REGISTRY_INDEX, id=script_id)["_source"]
+        except elasticsearch.NotFoundError:
+            return None
+
+
+def registry_entries(client: Elasticsearch) -> list[dict[str, Any]]:
+    with cluster_errors(client, f"listing {REGISTRY_INDEX}"):
+        if not client.indices.exists(index=REGISTRY_INDEX):
+            return []
+        response = client.search(
+            index=REGISTRY_INDEX, size=1000, sort=[{"name": "asc"}, {"version": "asc"}]
+        )
+    return [hit["_source"] for hit in response["hits"]["hits"]]
+
+
+def pushed_template(client: Elasticsearch, name: str, version: int) -> SearchTemplate:
+    """Return the template version as pushed to the cluster's registry."""
+    script_id = f"esfm-{name}-v{version}"
+    entry = registry_entry(client, script_id)
+    if entry is None:
+        raise TemplateError(
+            f"template {name!r} v{version} is not pushed to this cluster",
+            hint="run: esfm templates push",
+        )
+    return parse_template_source(entry["source"], Path(f"{name}.mustache"))
+
+
+def search_with_template(
+    client: Elasticsearch,
+    index: str,
+    template: SearchTemplate,
+    params: dict[str, Any],
+    *,
+    force_local: bool = False,
+) -> tuple[dict[str, Any], str]:
+    """Run ``template`` against ``index``; return the response and the path used.
+
+    The path is ``"stored"`` (server-side mustache) or ``"local"`` (rendered
+    here and sent as a plain search, always so with ``force_local``).
+    """
+    resolved = template.resolve_params(params)
+    if server_info(client).has_mustache and not force_local:
+        with cluster_errors(client, f"searching {index} with {template.script_id}"):
+            response = client.search_template(
+                index=index, id=template.script_id, params=resolved
+            )
+        return dict(response), "stored"
+    body = template.render(resolved)
+    with cluster_errors(client, f"searching {index} with {template.name}"):
+        response = client.search(index=index, body=body)
+    return dict(response), "local"
