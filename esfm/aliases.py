@@ -83,3 +83,29 @@ def swap_alias(
         raise ClusterError(
             f"moving alias {alias!r} to {new_index} failed: {exc.message}"
         ) from exc
+
+
+def resolve_index(client: Elasticsearch, name: str) -> str:
+    """Return the concrete index for ``name``, an alias or an index name.
+
+    Raises:
+        MigrationError: neither an alias nor an index has that name.
+    """
+    with cluster_errors(client, f"resolving {name}"):
+        try:
+            response = client.indices.get_alias(name=name)
+            indices = sorted(response)
+        except elasticsearch.NotFoundError:
+            indices = []
+        if not indices and client.indices.exists(index=name):
+            return name
+    if not indices:
+        raise MigrationError(
+            f"no alias or index named {name!r}",
+            hint="check --alias, or create it with esfm migrate",
+        )
+    if len(indices) > 1:
+        raise MigrationError(
+            f"alias {name!r} points at {len(indices)} indices: {', '.join(indices)}"
+        )
+    return indices[0]

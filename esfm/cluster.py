@@ -804,10 +804,18 @@ def _stop_node_processes(
             _signal(node.pid, signal.SIGKILL)
         if not _process_gone(node.launcher_pid, node.launcher_start_ticks):
             _signal(node.launcher_pid, signal.SIGKILL)
-    kill_deadline = time.monotonic() + 10
-    while time.monotonic() < kill_deadline and not all(_node_gone(n) for n in live):
+    # A killed JVM can show as a zombie while its other threads still hold
+    # the sockets, so also wait for the ports to be released.
+    release_deadline = time.monotonic() + 15
+    while time.monotonic() < release_deadline and not all(
+        _node_gone(node) and not _node_ports_in_use(node) for node in live
+    ):
         time.sleep(0.1)
     return killed
+
+
+def _node_ports_in_use(node: NodeState) -> bool:
+    return port_in_use(node.http_port) or port_in_use(node.transport_port)
 
 
 def _node_gone(node: NodeState) -> bool:

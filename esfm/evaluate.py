@@ -222,7 +222,9 @@ def validation_rmse(model: TrainedModel, dataset: MovieLensDataset) -> dict[str,
     from esfm.train import TrainConfig, split_ratings
 
     config = model.config
-    held = {int(user) for user in config.get("cold_start", {}).get("held_out_users", [])}
+    held = {
+        int(user) for user in config.get("cold_start", {}).get("held_out_users", [])
+    }
     ratings = dataset.ratings
     if held:
         ratings = ratings[~ratings["user"].isin(held)].reset_index(drop=True)

@@ -129,7 +129,7 @@ class Recommender:
     def index(self) -> str:
         """The concrete index the cache belongs to, resolved on first use."""
         if self._index is None:
-            self._index = aliases.alias_target(self.client, self.alias) or self.alias
+            self._index = aliases.resolve_index(self.client, self.alias)
         return self._index
 
     def invalidate(self) -> None:
@@ -146,29 +146,31 @@ class Recommender:
         source: Any = True
         if server_info(self.client).excludes_source_vectors:
             source = {"exclude_vectors": False}
-        with cluster_errors(self.client, f"fetching metadata from {self.index}"):
+        with cluster_errors(self.client, f"fetching metadata from {self.alias}"):
             response = self.client.search(
-                index=self.index,
+                index=self.alias,
                 query={"ids": {"values": missing}},
                 source=source,
                 size=len(missing),
             )
         for hit in response["hits"]["hits"]:
             self._index = hit["_index"]
-            embedding = hit["_source"].get("embedding")
-            if embedding is None:
+            # rank_vector is [v_i, w_i] and stored as given, while the cosine
+            # field embedding comes back normalized and rescaled, off by an ulp.
+            rank_vector = hit["_source"].get("rank_vector")
+            if rank_vector is None:
                 raise QueryError(
-                    f"document {hit['_id']} in {hit['_index']} has no embedding",
+                    f"document {hit['_id']} in {hit['_index']} has no rank_vector",
                     hint="rebuild the index with esfm migrate",
                 )
-            self._vectors[hit["_id"]] = np.asarray(embedding, dtype=np.float32)
+            self._vectors[hit["_id"]] = np.asarray(rank_vector[:-1], dtype=np.float32)
             self._sources[hit["_id"]] = hit["_source"]
         not_found = [doc_id for doc_id in missing if doc_id not in self._vectors]
         if not_found:
             feature_type, _, value = not_found[0].partition(":")
             raise QueryError(
                 f"unknown {feature_type} {value!r}: no document {not_found[0]!r} in "
-                f"index {self.index} (alias {self.alias})",
+                f"{self.alias}",
                 hint="check the value, or that the alias holds the model you trained",
             )
         return 1
@@ -219,7 +221,7 @@ class Recommender:
             return self._script_score(params), "script_score"
         return search_with_template(
             self.client,
-            self.index,
+            self.alias,
             self._template(template_name),
             params,
             force_local=not self.require_pushed,
@@ -259,8 +261,8 @@ class Recommender:
                 }
             },
         }
-        with cluster_errors(self.client, f"script_score search on {self.index}"):
-            response = dict(self.client.search(index=self.index, body=body))
+        with cluster_errors(self.client, f"script_score search on {self.alias}"):
+            response = dict(self.client.search(index=self.alias, body=body))
         response["_esfm_offset"] = offset
         return response
 
@@ -278,11 +280,11 @@ class Recommender:
             trips += 1
             hits = response["hits"]["hits"]
             served_by = {hit["_index"] for hit in hits}
-            if served_by and served_by != {self.index} and attempt == 1:
+            if served_by and served_by != {self._index} and attempt == 1:
                 logger.info(
                     "alias %s moved from %s to %s; refreshing cached vectors",
                     self.alias,
-                    self.index,
+                    self._index,
                     ", ".join(sorted(served_by)),
                 )
                 self.invalidate()
@@ -292,7 +294,8 @@ class Recommender:
         recommendations = [
             self._recommendation(hit, offset, template_name) for hit in hits
         ]
-        return QueryOutcome(recommendations, self.index, path, trips)
+        index = self._index or ",".join(sorted(served_by)) or self.alias
+        return QueryOutcome(recommendations, index, path, trips)
 
     @staticmethod
     def _recommendation(
@@ -374,7 +377,7 @@ class Recommender:
         source: Any = {"excludes": ["embedding", "rank_vector"]}
         with cluster_errors(self.client, f"looking up title {title!r}"):
             response = self.client.search(
-                index=self.index,
+                index=self.alias,
                 size=1,
                 source=source,
                 query={
@@ -391,7 +394,7 @@ class Recommender:
         hits = response["hits"]["hits"]
         if not hits:
             raise QueryError(
-                f"no movie title matches {title!r} in {self.index}",
+                f"no movie title matches {title!r} in {self.alias}",
                 hint='give the full title with its year, e.g. "Toy Story (1995)"',
             )
         return hits[0]["_source"]

@@ -144,6 +144,11 @@ class TrainResult:
     metrics: dict[str, Any]
     held_out_users: list[int]
 
+    @property
+    def model_id(self) -> str:
+        """The content-derived id that ``save`` writes into ``config.json``."""
+        return model_id_for(self.dataset.name, _export_numpy(self.model))
+
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the model directory; see ``save_model``."""
         return save_model(self, directory)
@@ -214,28 +219,149 @@ class _Tensors:
         return len(self.rating)
 
 
-def _optimizers(
-    model: FactorizationMachine, config: TrainConfig
-) -> list[torch.optim.Optimizer]:
-    sparse = [model.embedding.table.weight, model.linear.weight.table.weight]
-    return [
-        torch.optim.SparseAdam(sparse, lr=config.lr),
-        torch.optim.Adam([model.linear.global_bias], lr=config.lr),
-    ]
+class LazyAdam:
+    """Adam that updates only the rows a batch touches (like SparseAdam).
+
+    Row moments decay only when the row is touched, and bias correction uses
+    the global step count, as in ``torch.optim.SparseAdam``.
+    """
+
+    def __init__(
+        self,
+        table: torch.Tensor,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.table = table
+        self.lr = lr
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.step_count = 0
+        self.exp_avg = torch.zeros_like(table)
+        self.exp_avg_sq = torch.zeros_like(table)
+
+    def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Apply one Adam step to ``table[rows]`` with gradient ``grad``."""
+        self.step_count += 1
+        correction1 = 1 - self.beta1**self.step_count
+        correction2 = 1 - self.beta2**self.step_count
+        exp_avg = self.exp_avg.index_select(0, rows)
+        exp_avg_sq = self.exp_avg_sq.index_select(0, rows)
+        exp_avg.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
+        exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        self.exp_avg.index_copy_(0, rows, exp_avg)
+        self.exp_avg_sq.index_copy_(0, rows, exp_avg_sq)
+        denominator = exp_avg_sq.div_(correction2).sqrt_().add_(self.eps)
+        update = exp_avg.div_(denominator).mul_(self.lr / correction1)
+        self.table.index_add_(0, rows, update, alpha=-1.0)
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, batch: int) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingError(
-            f"training diverged: loss is {float(loss)} at epoch {epoch}, "
-            f"batch {batch}; nothing was saved",
-            hint="lower --lr or raise --weight-decay, then train again",
-        )
+class FusedTrainer:
+    """Training state and the hand-derived FM gradient step.
+
+    ``table[:, :k]`` holds the embeddings and ``table[:, k]`` the linear
+    weights, so one gather serves both; the last row is the zero padding row.
+    The gradient is derived from the FM formula; the unit tests check it
+    against autograd on ``FactorizationMachine``.
+    """
+
+    def __init__(self, model: FactorizationMachine, config: TrainConfig) -> None:
+        self.k = model.config.k
+        self.scale = model.config.rating_scale
+        self.weight_decay = config.weight_decay
+        with torch.no_grad():
+            self.table = torch.cat(
+                [model.embedding.table.weight, model.linear.weight.table.weight],
+                dim=1,
+            ).contiguous()
+            self.bias = model.linear.global_bias.detach().clone().view(1, 1)
+        self.padding_row = model.config.n_features
+        self.rows_optimizer = LazyAdam(self.table, config.lr)
+        self.bias_optimizer = LazyAdam(self.bias, config.lr)
+        self._bias_row = torch.zeros(1, dtype=torch.int64)
+
+    @property
+    def lr(self) -> float:
+        return self.rows_optimizer.lr
+
+    def set_lr(self, lr: float) -> None:
+        self.rows_optimizer.lr = lr
+        self.bias_optimizer.lr = lr
+
+    def gradients(
+        self, index: torch.Tensor, value: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the gradients of one batch.
+
+        The loss is ``(sum_b (y_b - t_b)^2 + weight_decay * penalty) / B``
+        with the penalty of ``FactorizationMachine.forward_with_penalty``.
+
+        Returns:
+            ``(grad [B, F, k + 1], bias_grad [1, 1], squared_error, loss)``,
+            where ``grad`` is the gradient of each slot's table row.
+        """
+        batch = len(target)
+        rows = self.table[index]
+        vectors = rows[..., : self.k]
+        weights = rows[..., self.k]
+        scaled = vectors * value.unsqueeze(-1)
+        summed = scaled.sum(dim=1)
+        pairwise = 0.5 * (summed.pow(2).sum(dim=1) - scaled.pow(2).sum(dim=(1, 2)))
+        logit = self.bias.view(1) + (weights * value).sum(dim=1) + pairwise
+        probability = torch.sigmoid(logit)
+        error = probability * self.scale - target
+        squared_error = error.pow(2).sum()
+        penalty = rows.pow(2).sum()
+        loss = (squared_error + self.weight_decay * penalty) / batch
+
+        # d loss / d logit of the squared error through sigmoid(.) * scale.
+        d_logit = (2.0 / batch) * error * self.scale * probability * (1 - probability)
+        # d logit / d v_if = x_i * (sum_j x_j v_jf - x_i v_if); d logit / d w_i = x_i.
+        slot = d_logit.unsqueeze(-1) * value
+        grad = torch.empty_like(rows)
+        grad[..., : self.k] = slot.unsqueeze(-1) * (summed.unsqueeze(1) - scaled)
+        grad[..., self.k] = slot
+        grad.add_(rows, alpha=2.0 * self.weight_decay / batch)
+        return grad, d_logit.sum().view(1, 1), squared_error, loss
+
+    def step(
+        self, index: torch.Tensor, value: torch.Tensor, target: torch.Tensor
+    ) -> tuple[float, float]:
+        """Run one optimizer step; return (summed squared error, loss).
+
+        A non-finite loss skips the update, so the caller can stop cleanly.
+        """
+        grad, bias_grad, squared_error, loss = self.gradients(index, value, target)
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            return float(squared_error), loss_value
+        rows, inverse = torch.unique(index.reshape(-1), return_inverse=True)
+        summed = torch.zeros(len(rows), self.k + 1, dtype=grad.dtype)
+        summed.index_add_(0, inverse, grad.reshape(-1, self.k + 1))
+        self.rows_optimizer.step(rows, summed)
+        self.bias_optimizer.step(self._bias_row, bias_grad)
+        self.table[self.padding_row].zero_()
+        return float(squared_error), loss_value
+
+    def copy_to(self, model: FactorizationMachine) -> None:
+        """Write the current weights into ``model``."""
+        with torch.no_grad():
+            model.embedding.table.weight.copy_(self.table[:, : self.k])
+            model.linear.weight.table.weight.copy_(self.table[:, self.k :])
+            model.linear.global_bias.copy_(self.bias.view(1))
+
+
+def _raise_diverged(loss: float, epoch: int, batch: int) -> None:
+    raise TrainingError(
+        f"training diverged: loss is {loss} at epoch {epoch}, batch {batch}; "
+        "nothing was saved",
+        hint="lower --lr or raise --weight-decay, then train again",
+    )
 
 
 def _train_epoch(
-    model: FactorizationMachine,
-    optimizers: list[torch.optim.Optimizer],
+    trainer: FusedTrainer,
     data: _Tensors,
     config: TrainConfig,
     generator: torch.Generator,
@@ -246,35 +372,25 @@ def _train_epoch(
     batches = math.ceil(len(data) / config.batch_size)
     squared_error = 0.0
     seen = 0
-    model.train()
-    for batch in range(batches):
-        rows = order[batch * config.batch_size : (batch + 1) * config.batch_size]
-        index = data.index[rows]
-        value = data.value[rows]
-        target = data.rating[rows]
-
-        predicted, penalty = model.forward_with_penalty(index, value)
-        error = (predicted - target).pow(2).sum()
-        loss = (error + config.weight_decay * penalty) / len(rows)
-        _check_finite(loss, epoch, batch + 1)
-
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-
-        squared_error += float(error.detach())
-        seen += len(rows)
-        if on_batch is not None:
-            on_batch(
-                {
-                    "epoch": epoch,
-                    "batch": batch + 1,
-                    "batches": batches,
-                    "train_rmse": math.sqrt(squared_error / seen),
-                }
+    with torch.no_grad():
+        for batch in range(batches):
+            rows = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+            error, loss = trainer.step(
+                data.index[rows], data.value[rows], data.rating[rows]
             )
+            if not math.isfinite(loss):
+                _raise_diverged(loss, epoch, batch + 1)
+            squared_error += error
+            seen += len(rows)
+            if on_batch is not None:
+                on_batch(
+                    {
+                        "epoch": epoch,
+                        "batch": batch + 1,
+                        "batches": batches,
+                        "train_rmse": math.sqrt(squared_error / seen),
+                    }
+                )
     return math.sqrt(squared_error / seen)
 
 
@@ -347,7 +463,7 @@ def train(
             sparse=True,
         )
     )
-    optimizers = _optimizers(model, config)
+    trainer = FusedTrainer(model, config)
     use_early_stopping = len(stop_data) > 0
     history: list[dict[str, Any]] = []
     best_score = math.inf
@@ -358,13 +474,14 @@ def train(
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         train_rmse = _train_epoch(
-            model, optimizers, train_data, config, generator, epoch, on_batch
+            trainer, train_data, config, generator, epoch, on_batch
         )
         train_seconds = time.perf_counter() - started
+        trainer.copy_to(model)
         model.eval()
         stop_rmse = rmse(model, stop_data.index, stop_data.value, stop_data.rating)
         valid_rmse = rmse(model, valid_data.index, valid_data.value, valid_data.rating)
-        lr = optimizers[0].param_groups[0]["lr"]
+        lr = trainer.lr
         score = stop_rmse if use_early_stopping else -epoch
         improved = score < best_score
         if improved:
@@ -399,9 +516,7 @@ def train(
                 logger.info("early stop after epoch %d, best %d", epoch, best_epoch)
                 break
         if config.lr_decay_epoch and epoch == config.lr_decay_epoch:
-            for optimizer in optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] *= config.lr_decay
+            trainer.set_lr(trainer.lr * config.lr_decay)
 
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -448,6 +563,13 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def _export_numpy(model: FactorizationMachine) -> dict[str, np.ndarray]:
+    return {
+        name: tensor.numpy().astype(np.float32)
+        for name, tensor in model.export_weights().items()
+    }
+
+
 def model_id_for(dataset_name: str, weights: dict[str, np.ndarray]) -> str:
     """Derive the model id from the dataset name and a hash of the weights."""
     digest = hashlib.sha256()
@@ -461,10 +583,7 @@ def model_documents(result: TrainResult) -> tuple[dict[str, np.ndarray], dict]:
     """Return the weights and the JSON documents of the model directory."""
     from safetensors.numpy import save
 
-    weights = {
-        name: tensor.numpy().astype(np.float32)
-        for name, tensor in result.model.export_weights().items()
-    }
+    weights = _export_numpy(result.model)
     model_id = model_id_for(result.dataset.name, weights)
     settings = dataclasses.asdict(result.config)
     config = {
