@@ -126,7 +126,7 @@ def default_cache_dir(environ: dict[str, str] | None = None) -> Path:
 
 
 def cluster_dir(name: str, home: Path | None = None) -> Path:
-    """Return the directory that holds the state and nodes of cluster ``name``."""
+    """Return the directory that contains the state and nodes of cluster ``name``."""
     _validate_name(name)
     return (home or default_home()) / "clusters" / name
 
@@ -302,7 +302,7 @@ def _read_checksum_file(path: Path) -> str | None:
 
 
 def verify_zip(zip_path: Path, version: str, *, sibling_dirs: list[Path]) -> str:
-    """Check ``zip_path`` and return a sentence that says which check passed.
+    """Check ``zip_path`` and return a sentence that names the check that passed.
 
     A pinned version is checked against its pinned SHA-512. Any other version
     is checked against a ``.sha512`` or ``.sha1`` file with the zip's name in
@@ -556,7 +556,7 @@ def ensure_distribution(
             if marker is not None:
                 if marker.get("sha512") != sha512:
                     raise LocalClusterError(
-                        f"the cache {target} holds a different build of "
+                        f"the cache {target} contains a different build of "
                         f"Elasticsearch {version} than {zip_path}",
                         hint=f"remove {target} to replace it",
                     )
@@ -774,11 +774,13 @@ def _stop_node_processes(
 
     Returns the nodes that had to be killed.
     """
+    # The launcher counts by pid and start time alone, because right after
+    # launch it may still be the bin/elasticsearch shell script.
     live = [
         node
         for node in nodes
         if node.is_running(es_home)
-        or _is_node_process(node.launcher_pid, node.launcher_start_ticks, es_home)
+        or not _process_gone(node.launcher_pid, node.launcher_start_ticks)
     ]
     for node in live:
         if node.is_running(es_home):
@@ -829,7 +831,7 @@ def _node_gone(node: NodeState) -> bool:
 
 
 def port_in_use(port: int, host: str = LOOPBACK) -> bool:
-    """Return whether binding ``host:port`` fails because something holds it."""
+    """Return whether binding ``host:port`` fails because another socket uses it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -912,7 +914,8 @@ def _service_account() -> _Account | None:
         entry = pwd.getpwnam(name)
     if entry.pw_uid == 0:
         raise LocalClusterError(
-            f"ESFM_SERVICE_USER={name!r} is root; Elasticsearch refuses to run as root",
+            f"invalid ESFM_SERVICE_USER={name!r}: it is root, and Elasticsearch "
+            "does not run as root",
             hint="set ESFM_SERVICE_USER to an unprivileged account",
         )
     return _Account(name, entry.pw_uid, entry.pw_gid)
@@ -1016,6 +1019,7 @@ def _launch_node(
     pid_file = node_dir / "elasticsearch.pid"
     with contextlib.suppress(FileNotFoundError):
         pid_file.unlink()
+
     environment = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
@@ -1025,6 +1029,7 @@ def _launch_node(
         "ES_TMPDIR": str(node_dir / "tmp"),
     }
     command = [str(Path(state.es_home) / "bin" / "elasticsearch"), "-p", str(pid_file)]
+
     options: dict[str, Any] = {}
     if account is not None:
         # extra_groups=[] drops root's supplementary groups as well.
@@ -1043,6 +1048,7 @@ def _launch_node(
             start_new_session=True,
             **options,
         )
+
     _CHILDREN[process.pid] = process
     node.launcher_pid = process.pid
     stat = _proc_stat(process.pid)
@@ -1086,7 +1092,7 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 def node_log_tail(state: ClusterState, node: NodeState) -> str:
     """Return the last lines of a node's console output, else of its server log.
 
-    The console output holds what the launcher printed before logging was
+    The console output contains what the launcher printed before logging was
     set up, such as an invalid setting or a missing Java.
     """
     console_log = Path(node.log_path) / "stdout.log"
@@ -1291,8 +1297,9 @@ def start(
 
     Raises:
         LocalClusterError: invalid options, the cluster already runs, a port
-            is in use, Java or mvn is missing, or a node failed to start (the
-            message carries the end of its log; started nodes are stopped).
+            is in use, Java or mvn is missing, or a node failed to start. In
+            the last case the message contains the end of the node's log,
+            and the nodes started so far are stopped.
     """
     heap = heap or (DEFAULT_HEAP if nodes == 1 else DEFAULT_MULTI_NODE_HEAP)
     _validate_start_options(name, nodes, http_port, transport_port, heap)
@@ -1584,7 +1591,7 @@ class NodeStatus:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterStatus:
-    """A local cluster's processes and, when it answers, its health.
+    """A local cluster's processes and, when it responds, its health.
 
     ``version`` is the version that the first running node reports, else the
     version recorded at start. ``health`` is the ``_cluster/health`` document

@@ -466,6 +466,26 @@ def _check_separator(path: Path, text: str, separator: str, expected: str) -> No
     )
 
 
+def _check_field_counts(
+    path: Path, text: str, text_c: str, separator: str, fields: int, expected: str
+) -> None:
+    lines = text_c.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    counts = pd.Series(lines, dtype=object).str.count(re.escape(separator)) + 1
+    bad = (counts != fields).to_numpy()
+    if not bad.any():
+        return
+    row = int(np.flatnonzero(bad)[0])
+    if not lines[row].strip():
+        problem = "empty line"
+    else:
+        problem = f"{int(counts.iat[row])} fields, expected {fields}"
+        if counts.iat[row] < fields:
+            problem = f"too few fields ({problem})"
+    raise _malformed(path, text, row + 1, problem, expected)
+
+
 _PARSER_LINE = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
 
 
@@ -487,6 +507,7 @@ def _read_table(
         separator_c = "\x1f"
     else:
         text_c, separator_c = text, separator
+    _check_field_counts(path, text, text_c, separator_c, len(columns), expected)
     try:
         frame = pd.read_csv(
             io.StringIO(text_c),
@@ -508,13 +529,6 @@ def _read_table(
         raise _malformed(
             path, text, lineno, f"{seen} fields, expected {wanted}", expected
         ) from exc
-    short = frame[columns[-1]].isna()
-    if short.any():
-        row = int(np.flatnonzero(short.to_numpy())[0])
-        problem = "empty line" if not _line_at(text, row + 1) else "too few fields"
-        raise _malformed(
-            path, text, row + 1, f"{problem}, expected {len(columns)}", expected
-        )
     return frame
 
 

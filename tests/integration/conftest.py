@@ -3,7 +3,7 @@
 ``es_url`` takes the first node it can get:
 
 1. the cluster at ``$ESFM_TEST_URL``;
-2. a Docker container of the official image, when a Docker daemon answers;
+2. a Docker container of the official image, when a Docker daemon responds;
 3. a local cluster started with :func:`esfm.cluster.start`, stopped at the
    end of the session.
 
@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(
 ) -> None:
     """Mark every test under tests/integration as ``integration``.
 
-    This hook sees the items of the whole session, so it filters by path.
+    This hook receives the items of the whole session, so it filters by path.
     """
     skip = os.environ.get("ESFM_SKIP_INTEGRATION") == "1"
     for item in items:
@@ -56,7 +56,7 @@ def pytest_collection_modifyitems(
 
 @dataclasses.dataclass(frozen=True)
 class LocalCluster:
-    """A local cluster started by a fixture, with the home that holds its state."""
+    """A local cluster started by a fixture, with the home that contains its state."""
 
     name: str
     home: Path
@@ -107,7 +107,7 @@ def _docker_unavailable_reason() -> str | None:
     try:
         docker.from_env().ping()
     except Exception as exc:  # docker raises several unrelated types here
-        return f"no Docker daemon answers ({type(exc).__name__})"
+        return f"no Docker daemon responds ({type(exc).__name__})"
     return None
 
 
@@ -200,7 +200,7 @@ def es_cluster_3(
 ) -> LocalCluster:
     """A local three-node cluster, started on first use and stopped at session end.
 
-    Always local, whatever ``ESFM_TEST_URL`` says, because fault tests stop
+    Always local, even when ``ESFM_TEST_URL`` is set, because fault tests stop
     and start its nodes.
     """
     try:

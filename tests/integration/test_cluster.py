@@ -282,13 +282,15 @@ def test_stop_node_kills_stuck_node(es_cluster_3):
     # A stopped (SIGSTOP) JVM cannot act on SIGTERM, so only SIGKILL ends it.
     os.kill(stuck.pid, signal.SIGSTOP)
     killed = local_cluster.stop_node(name, 1, timeout=3, home=home)
-    gone = not stuck.is_running(local_cluster.read_state(name, home=home).es_home)
+    stuck_stopped = not stuck.is_running(
+        local_cluster.read_state(name, home=home).es_home
+    )
 
     local_cluster.start_node(name, 1, home=home)
     after = _health(es_cluster_3.url, wait_for_nodes="3", timeout="120s")
 
     assert killed is True
-    assert gone
+    assert stuck_stopped
     assert after["number_of_nodes"] == 3
     assert after["status"] in ("green", "yellow")
 

@@ -120,10 +120,10 @@ def test_ml100k_occupation_codes_accepted(tmp_path):
 
 
 def test_detect_dataset_folders(tmp_path):
-    assert detect_dataset(write_ml1m(tmp_path / "a")) == "ml-1m"
-    assert detect_dataset(write_ml100k(tmp_path / "b")) == "ml-100k"
+    assert detect_dataset(write_ml1m(tmp_path / "ml-1m")) == "ml-1m"
+    assert detect_dataset(write_ml100k(tmp_path / "ml-100k")) == "ml-100k"
     with pytest.raises(DataError, match="subfolder ml-1m"):
-        detect_dataset(tmp_path / "a" / "..")
+        detect_dataset(tmp_path)
     with pytest.raises(DataError, match="does not exist"):
         detect_dataset(tmp_path / "missing")
 
@@ -433,10 +433,10 @@ def test_encode_ratings_columns(synthetic_dataset):
     vocabulary = build_vocabulary(synthetic_dataset, genres=False)
     encoded = encode_ratings(synthetic_dataset, vocabulary)
     first = synthetic_dataset.ratings.iloc[0]
-    user = synthetic_dataset.users.loc[first["user"]]
+    user = synthetic_dataset.users.loc[int(first["user"])]
     assert encoded.index.shape == (len(synthetic_dataset.ratings), 5)
-    assert encoded.index[0, 0] == vocabulary.row("user", str(first["user"]))
-    assert encoded.index[0, 1] == vocabulary.row("movie", str(first["movie"]))
+    assert encoded.index[0, 0] == vocabulary.row("user", str(int(first["user"])))
+    assert encoded.index[0, 1] == vocabulary.row("movie", str(int(first["movie"])))
     assert encoded.index[0, 2] == vocabulary.row("age", user["age"])
     assert encoded.index[0, 4] == vocabulary.row("occupation", user["occupation"])
     assert (encoded.value == 1).all()
@@ -483,7 +483,9 @@ def test_extract_rejects_non_zip(tmp_path):
 def test_extract_rejects_missing_member(tmp_path):
     archive = make_zip(tmp_path / "x.zip", {"ml-1m/users.dat": b"1::F::1::10::1\n"})
     with pytest.raises(DataError, match="lacks ratings.dat"):
-        extract_archive(archive, tmp_path / "d", folder="ml-1m", required=["ratings.dat"])
+        extract_archive(
+            archive, tmp_path / "d", folder="ml-1m", required=["ratings.dat"]
+        )
     assert not (tmp_path / "d" / "ml-1m").exists()
 
 

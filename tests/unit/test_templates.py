@@ -41,7 +41,9 @@ def test_genre_filter_is_optional():
 
 
 def test_missing_required_parameter():
-    with pytest.raises(TemplateError, match="missing required parameter 'query_vector'"):
+    with pytest.raises(
+        TemplateError, match="missing required parameter 'query_vector'"
+    ):
         COLD_START.render({})
 
 
@@ -72,9 +74,7 @@ def test_ill_typed_parameter(name, value, message):
 @given(st.lists(st.text(), max_size=5))
 def test_string_parameters_cannot_change_structure(values):
     body = COLD_START.render({"query_vector": [1.0, 2.0], "exclude_movies": values})
-    assert body["knn"]["filter"]["bool"]["must_not"] == [
-        {"terms": {"value": values}}
-    ]
+    assert body["knn"]["filter"]["bool"]["must_not"] == [{"terms": {"value": values}}]
     assert set(body) == {"size", "_source", "knn"}
 
 

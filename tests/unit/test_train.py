@@ -1,0 +1,225 @@
+"""Trainer: determinism, divergence, early stopping and atomic saving."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import esfm.train as train_module
+from esfm.data import load_movielens
+from esfm.errors import ConfigError, ModelError, TrainingError
+from esfm.train import (
+    MODEL_FILES,
+    TrainConfig,
+    save_model,
+    split_ratings,
+    train,
+)
+
+SMALL = dict(k=8, epochs=3, batch_size=64, lr=1e-2, weight_decay=1e-3, threads=1)
+
+
+def test_same_seed_same_rmse(synthetic_dataset):
+    first = train(synthetic_dataset, TrainConfig(**SMALL, seed=5))
+    second = train(synthetic_dataset, TrainConfig(**SMALL, seed=5))
+    assert round(first.metrics["valid_rmse"], 4) == round(
+        second.metrics["valid_rmse"], 4
+    )
+    assert first.model_id == second.model_id
+
+
+def test_other_seed_other_model(synthetic_dataset):
+    first = train(synthetic_dataset, TrainConfig(**SMALL, seed=1))
+    second = train(synthetic_dataset, TrainConfig(**SMALL, seed=2))
+    assert first.model_id != second.model_id
+
+
+def test_ml100k_beats_global_mean(ml100k_dir):
+    dataset = load_movielens(ml100k_dir)
+    config = TrainConfig(k=16, epochs=4, batch_size=1024, lr=5e-3, weight_decay=0.02)
+    result = train(dataset, config)
+    valid = result.metrics["valid_rmse"]
+    spread = float(dataset.ratings["rating"].std())
+    assert valid < spread - 0.1
+    assert result.metrics["epochs"][0]["train_rmse"] > result.metrics["train_rmse"]
+
+
+def test_ml100k_deterministic(ml100k_dir):
+    dataset = load_movielens(ml100k_dir)
+    subset = dataset.subset_users(range(1, 201))
+    config = TrainConfig(k=8, epochs=2, batch_size=512, lr=5e-3, seed=3, threads=2)
+    rmse = [round(train(subset, config).metrics["valid_rmse"], 4) for _ in range(2)]
+    assert rmse[0] == rmse[1]
+
+
+def test_nan_rating_raises_training_error(synthetic_dataset, tmp_path):
+    ratings = synthetic_dataset.ratings.copy()
+    ratings.loc[ratings.index[::3], "rating"] = np.nan
+    broken = type(synthetic_dataset)(
+        "synthetic", ratings, synthetic_dataset.users, synthetic_dataset.movies
+    )
+    with pytest.raises(TrainingError, match="loss is nan at epoch 1, batch 1"):
+        train(broken, TrainConfig(**SMALL))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_huge_lr_diverges_or_stays_finite(synthetic_dataset):
+    # Output is squashed by a sigmoid, so even lr=1e3 keeps the loss finite;
+    # the result must then still contain only finite weights.
+    result = train(synthetic_dataset, TrainConfig(**{**SMALL, "lr": 1e3}))
+    for tensor in result.model.export_weights().values():
+        assert np.isfinite(tensor.numpy()).all()
+
+
+def test_invalid_config_rejected(synthetic_dataset):
+    with pytest.raises(ConfigError, match="invalid batch_size 0"):
+        train(synthetic_dataset, TrainConfig(batch_size=0))
+    with pytest.raises(ConfigError, match="invalid valid_fraction"):
+        TrainConfig(valid_fraction=1.5).validate()
+
+
+def test_split_is_disjoint_and_complete():
+    split = split_ratings(1000, TrainConfig(seed=4))
+    parts = np.concatenate([split.train, split.early_stopping, split.valid])
+    assert len(split.valid) == 100
+    assert len(split.early_stopping) == 45
+    assert sorted(parts.tolist()) == list(range(1000))
+
+
+def test_validation_split_independent_of_early_stopping():
+    with_stop = split_ratings(500, TrainConfig(seed=2, early_stopping_fraction=0.1))
+    without = split_ratings(500, TrainConfig(seed=2, early_stopping_fraction=0.0))
+    assert with_stop.valid.tolist() == without.valid.tolist()
+
+
+def test_early_stopping_restores_best_epoch(synthetic_dataset):
+    config = TrainConfig(**{**SMALL, "epochs": 30, "lr": 0.05, "weight_decay": 0.0})
+    result = train(synthetic_dataset, TrainConfig(**{**config.__dict__, "patience": 2}))
+    metrics = result.metrics
+    scores = [epoch["early_stopping_rmse"] for epoch in metrics["epochs"]]
+    assert metrics["best_epoch"] == int(np.argmin(scores)) + 1
+    assert len(scores) <= metrics["best_epoch"] + 2
+    assert (
+        metrics["valid_rmse"]
+        == metrics["epochs"][metrics["best_epoch"] - 1]["valid_rmse"]
+    )
+
+
+def test_cold_start_users_left_out(synthetic_dataset):
+    result = train(synthetic_dataset, TrainConfig(**SMALL, cold_start_holdout=0.2))
+    assert len(result.held_out_users) == 12
+    users = {value for kind, value in result.vocabulary.features if kind == "user"}
+    assert users.isdisjoint(str(user) for user in result.held_out_users)
+    assert len(users) == 48
+
+
+def test_callbacks_receive_progress(synthetic_dataset):
+    epochs, batches = [], []
+    train(
+        synthetic_dataset,
+        TrainConfig(**SMALL),
+        on_epoch=epochs.append,
+        on_batch=batches.append,
+    )
+    assert [event["epoch"] for event in epochs] == [1, 2, 3]
+    assert batches[-1]["batch"] == batches[-1]["batches"]
+    assert {"train_rmse", "valid_rmse", "early_stopping_rmse"} <= set(epochs[0])
+
+
+# -- saving -----------------------------------------------------------------
+
+
+@pytest.fixture
+def trained(synthetic_dataset):
+    return train(synthetic_dataset, TrainConfig(**SMALL, genres=True))
+
+
+def test_save_writes_model_directory(trained, tmp_path):
+    path = save_model(trained, tmp_path / "model")
+    assert sorted(p.name for p in path.iterdir()) == sorted(MODEL_FILES)
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_id"] == trained.model_id
+    assert config["model_id"].startswith("synthetic-")
+    assert config["movie_side_features"] == ["movie", "genre"]
+    assert set(config["versions"]) >= {"esfm", "torch", "numpy", "python"}
+    assert config["k"] == 8
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["best_epoch"] >= 1
+    assert {"epoch", "train_rmse", "valid_rmse", "seconds"} <= set(metrics["epochs"][0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_save_replaces_existing_model(trained, synthetic_dataset, tmp_path):
+    target = tmp_path / "model"
+    save_model(trained, target)
+    other = train(synthetic_dataset, TrainConfig(**SMALL, seed=9))
+    save_model(other, target)
+    config = json.loads((target / "config.json").read_text())
+    assert config["model_id"] == other.model_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_crash_mid_save_leaves_old_model(
+    trained, synthetic_dataset, tmp_path, monkeypatch
+):
+    target = tmp_path / "model"
+    save_model(trained, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    real_write = train_module._write_file
+    calls = []
+
+    def failing_write(path, payload):
+        calls.append(path.name)
+        if len(calls) == 3:
+            real_write(path, payload[: len(payload) // 2])
+            raise OSError(28, "No space left on device")
+        real_write(path, payload)
+
+    monkeypatch.setattr(train_module, "_write_file", failing_write)
+    other = train(synthetic_dataset, TrainConfig(**SMALL, seed=9))
+    with pytest.raises(ModelError, match="No space left on device"):
+        save_model(other, target)
+    after = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_crash_on_first_save_leaves_nothing(trained, tmp_path, monkeypatch):
+    def failing_write(path, payload):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(train_module, "_write_file", failing_write)
+    with pytest.raises(ModelError):
+        save_model(trained, tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rename_restores_old_model(trained, tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    save_model(trained, target)
+    before = (target / "config.json").read_bytes()
+    real_replace = os.replace
+
+    def failing_replace(source, destination):
+        # Moving the new model in fails; moving the old one aside and back works.
+        if ".tmp-" in os.path.basename(source):
+            raise OSError(18, "Invalid cross-device link")
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(train_module.os, "replace", failing_replace)
+    with pytest.raises(ModelError):
+        save_model(trained, target)
+    assert (target / "config.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_save_refuses_non_model_folder(trained, tmp_path):
+    target = tmp_path / "documents"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelError, match="is not a model directory"):
+        save_model(trained, target)
+    assert (target / "notes.txt").read_text() == "keep me"
