@@ -525,9 +525,9 @@ def _read_table(
         match = _PARSER_LINE.search(str(exc))
         if match is None:
             raise DataError(f"cannot parse {str(path)!r}: {exc}") from exc
-        wanted, lineno, seen = (int(group) for group in match.groups())
+        expected_fields, lineno, seen = (int(group) for group in match.groups())
         raise _malformed(
-            path, text, lineno, f"{seen} fields, expected {wanted}", expected
+            path, text, lineno, f"{seen} fields, expected {expected_fields}", expected
         ) from exc
     return frame
 
@@ -798,7 +798,7 @@ def detect_dataset(directory: str | os.PathLike[str]) -> str:
     """Return ``"ml-1m"`` or ``"ml-100k"`` from the files in ``directory``.
 
     Raises:
-        DataError: the folder is missing or holds neither dataset.
+        DataError: the folder is missing or contains neither dataset.
     """
     path = Path(directory)
     if not path.is_dir():
@@ -813,13 +813,14 @@ def detect_dataset(directory: str | os.PathLike[str]) -> str:
     for name in (ML1M, ML100K):
         if (path / name).is_dir():
             raise DataError(
-                f"{str(path)!r} holds no MovieLens files, but its subfolder "
+                f"{str(path)!r} contains no MovieLens files, but its subfolder "
                 f"{name}/ may",
                 hint=f"pass --data {path / name}",
             )
     raise DataError(
-        f"{str(path)!r} holds neither MovieLens 1M (ratings.dat, users.dat, "
-        "movies.dat) nor MovieLens 100K (u.data, u.user, u.item)",
+        f"no MovieLens files found in {str(path)!r}: expected MovieLens 1M "
+        "(ratings.dat, users.dat, movies.dat) or MovieLens 100K "
+        "(u.data, u.user, u.item)",
         hint="run: esfm data fetch movielens-1m --dest DIR",
     )
 
@@ -884,7 +885,7 @@ def extract_archive(
     The archive is checked with CRCs, must not contain absolute paths or
     ``..`` components, and must hold ``folder/NAME`` for each required name.
     Extraction goes into a temporary sibling folder that is renamed to
-    ``dest/folder`` only when complete; an existing ``dest/folder`` is moved
+    ``dest/folder`` only when complete. An existing ``dest/folder`` is moved
     aside first and deleted after the rename.
 
     Returns:
@@ -1107,7 +1108,7 @@ def user_feature_table(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return user ids and their user-side rows ``[u, 4]`` and values.
 
-    With ``include_user=False`` (cold start) the user slot holds the padding
+    With ``include_user=False`` (cold start) the user slot contains the padding
     row with value 0, so only age, gender and occupation count.
     """
     rows = vocabulary.rows

@@ -3,8 +3,8 @@
 Cold-start protocol (``cold_start_metrics``):
 
 * A seeded 10% of the users is held out entirely, with all their ratings,
-  before training (``esfm train --cold-start-holdout 0.1``); the model never
-  sees their ids. ``config.json`` stores the held-out user ids under
+  before training (``esfm train --cold-start-holdout 0.1``), so training never
+  uses their ids. ``config.json`` stores the held-out user ids under
   ``cold_start.held_out_users``, so ``esfm evaluate`` scores the same users.
 * Each held-out user is scored from metadata only: the profile is
   ``{age, gender, occupation}``.
@@ -228,6 +228,16 @@ def validation_rmse(model: TrainedModel, dataset: MovieLensDataset) -> dict[str,
     ratings = dataset.ratings
     if held:
         ratings = ratings[~ratings["user"].isin(held)].reset_index(drop=True)
+    expected = sum(
+        int(model.metrics.get(key, 0))
+        for key in ("n_train", "n_early_stopping", "n_valid")
+    )
+    if expected and expected != len(ratings):
+        raise ModelError(
+            f"model {model.model_id} was trained on {expected} ratings, but the "
+            f"dataset has {len(ratings)} ratings of its training users",
+            hint="evaluate with the exact dataset files the model was trained on",
+        )
     split_config = TrainConfig(
         seed=int(config["seed"]),
         valid_fraction=float(config["valid_fraction"]),

@@ -17,6 +17,12 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
 """Called as ``on_progress(done, total)`` after each bulk chunk."""
 
+DEFAULT_CHUNK_SIZE = 500
+# Item and whole-request statuses that a bulk chunk is retried on: rejection
+# (429) and the gateway or unavailable errors of a node that is restarting or
+# gone. Other statuses, such as 400 for a bad document, are not transient.
+RETRY_ON_STATUS = (429, 502, 503, 504)
+
 STATE_BUILDING = "building"
 STATE_COMPLETE = "complete"
 
@@ -64,14 +70,24 @@ def stream_bulk(
     index: str,
     documents: Iterable[dict[str, Any]],
     *,
-    chunk_size: int = 500,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_retries: int = 5,
     initial_backoff: float = 1.0,
+    timeout: str | None = None,
 ) -> Iterator[tuple[bool, dict[str, Any]]]:
-    """Yield ``(ok, item)`` per document, retrying 429 rejections with backoff.
+    """Yield ``(ok, item)`` per document, retrying 429 and 5xx with backoff.
 
-    Documents carry their ``_id``, so a retried chunk overwrites and never
-    duplicates.
+    Failed items with a status in ``RETRY_ON_STATUS`` are sent again after
+    ``initial_backoff * 2**attempt`` seconds, up to ``max_retries`` times. A
+    whole chunk answered with such a status is retried the same way, because
+    ``streaming_bulk`` with ``raise_on_exception=False`` turns it into one
+    failed item per document. Connection errors are retried by the transport
+    (``retry_on_timeout`` and ``max_retries`` of the client). Documents carry
+    their ``_id``, so a retried chunk overwrites and never duplicates.
+
+    Args:
+        timeout: bulk ``timeout`` parameter: how long each item waits for an
+            unavailable primary shard before it fails with 503.
     """
     actions = (
         {"_op_type": "index", "_index": index, **document} for document in documents
@@ -84,6 +100,8 @@ def stream_bulk(
         initial_backoff=initial_backoff,
         raise_on_error=False,
         raise_on_exception=False,
+        retry_on_status=RETRY_ON_STATUS,
+        **({"timeout": timeout} if timeout else {}),
     )
 
 
@@ -94,8 +112,10 @@ def bulk_load(
     *,
     total: int,
     on_progress: ProgressCallback | None = None,
-    chunk_size: int = 500,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_retries: int = 5,
+    initial_backoff: float = 1.0,
+    timeout: str | None = None,
 ) -> BulkResult:
     """Index all documents and check every item's result.
 
@@ -107,7 +127,13 @@ def bulk_load(
     done = 0
     with cluster_errors(client, f"bulk loading {index}"):
         for ok, item in stream_bulk(
-            client, index, documents, chunk_size=chunk_size, max_retries=max_retries
+            client,
+            index,
+            documents,
+            chunk_size=chunk_size,
+            max_retries=max_retries,
+            initial_backoff=initial_backoff,
+            timeout=timeout,
         ):
             done += 1
             if ok:

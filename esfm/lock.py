@@ -51,13 +51,38 @@ def read_lock(client: Elasticsearch, name: str) -> dict[str, Any] | None:
     }
 
 
+def holder_is_gone(held: dict[str, Any]) -> bool:
+    """Return whether the lock's owner was a process on this host that has exited.
+
+    NOTE: a pid reused by an unrelated process after the owner died reads as
+    alive, so such a lock still needs expiry or ``esfm lock release --force``.
+    """
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(held["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def acquire(
     client: Elasticsearch, name: str, *, ttl_seconds: int = 3600, wait: float = 0
 ) -> dict[str, Any]:
     """Create the lock document; wait up to ``wait`` seconds for a holder.
 
-    An expired lock is taken over with a conditional write (``if_seq_no``),
-    so two processes cannot both take over the same expired lock.
+    An expired lock, or one whose owner was a process on this host that no
+    longer exists (killed before it could release), is taken over with a
+    conditional write (``if_seq_no``), so two processes cannot both take over
+    the same lock.
 
     Raises:
         LockError: the lock is held by someone else and did not expire in time.
@@ -85,7 +110,11 @@ def acquire(
                 return document
             except elasticsearch.ConflictError:
                 held = read_lock(client, name)
-            if held is not None and dt.datetime.fromisoformat(held["expires_at"]) < now:
+            stale = held is not None and (
+                dt.datetime.fromisoformat(held["expires_at"]) < now
+                or holder_is_gone(held)
+            )
+            if stale:
                 try:
                     client.index(
                         index=LOCK_INDEX,
@@ -96,7 +125,7 @@ def acquire(
                         refresh="wait_for",
                     )
                     logger.warning(
-                        "took over expired lock %s from %s pid %s",
+                        "took over stale lock %s from %s pid %s (expired or exited)",
                         name,
                         held.get("host"),
                         held.get("pid"),
@@ -110,8 +139,9 @@ def acquire(
                 f"another migration holds lock {name!r}: {holder.get('user')}@"
                 f"{holder.get('host')} pid {holder.get('pid')} since "
                 f"{holder.get('acquired_at')}, expires {holder.get('expires_at')}",
-                hint="wait for it (--wait SECONDS), or if that process is gone: "
-                f"esfm lock release {name} --force",
+                hint="wait for it (esfm migrate --lock-wait SECONDS), or if that "
+                "process is gone: esfm lock release --alias "
+                f"{name.removeprefix('migrate:')} --force",
             )
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 

@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 MAX_K = 10_000
 METHODS = ("knn", "script_score")
+# Templates that rank by b_M + <v_U, v_M> on rank_vector; script_score can
+# stand in for them.
+RANKING_TEMPLATES = ("cold_start", "known_user")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,15 +58,37 @@ class Recommendation:
         return {**dataclasses.asdict(self), "genres": list(self.genres)}
 
 
-def rank_value_from_score(score: float) -> float:
-    """Invert the ``max_inner_product`` score transform of Elasticsearch.
+def score_from_rank_value(rank_value: float) -> float:
+    """Apply the ``max_inner_product`` score transform of Elasticsearch.
 
-    Elasticsearch scores a dot product ``d`` as ``d + 1`` when ``d >= 0`` and
-    ``1 / (1 - d)`` otherwise, so that scores stay positive.
+    Elasticsearch 9 scores a dot product ``d`` as ``d + 1`` when ``d >= 0`` and
+    ``1 / (1 - d)`` otherwise, so that scores stay positive and keep the order
+    of ``d``.
     """
+    if rank_value >= 0.0:
+        return rank_value + 1.0
+    return 1.0 / (1.0 - rank_value)
+
+
+def rank_value_from_score(score: float) -> float:
+    """Invert ``score_from_rank_value``: recover the dot product from a score.
+
+    Raises:
+        QueryError: ``score`` is not positive, so no dot product maps to it.
+    """
+    if not score > 0.0:
+        raise QueryError(
+            f"invalid max_inner_product score {score!r}: scores are positive",
+            hint="check that rank_vector uses max_inner_product similarity",
+        )
     if score >= 1.0:
         return score - 1.0
     return 1.0 - 1.0 / score
+
+
+def cosine_from_score(score: float) -> float:
+    """Invert the ``cosine`` score transform ``(1 + cos) / 2`` of Elasticsearch."""
+    return 2.0 * score - 1.0
 
 
 def check_k(k: int) -> int:
@@ -77,12 +102,17 @@ def check_k(k: int) -> int:
 
 @dataclasses.dataclass
 class QueryOutcome:
-    """Recommendations plus how they were obtained."""
+    """Recommendations plus how they were obtained.
+
+    ``path`` is ``"stored"``, ``"local"`` or ``"script_score"``; ``template`` is
+    the stored script id of the search template, or None for ``script_score``.
+    """
 
     recommendations: list[Recommendation]
     index: str
     path: str
     round_trips: int
+    template: str | None = None
 
 
 class Recommender:
@@ -216,16 +246,18 @@ class Recommender:
 
     def _search(
         self, template_name: str, params: dict[str, Any]
-    ) -> tuple[dict[str, Any], str]:
-        if self.method == "script_score" and template_name == "cold_start":
-            return self._script_score(params), "script_score"
-        return search_with_template(
+    ) -> tuple[dict[str, Any], str, str | None]:
+        if self.method == "script_score" and template_name in RANKING_TEMPLATES:
+            return self._script_score(params), "script_score", None
+        template = self._template(template_name)
+        response, path = search_with_template(
             self.client,
             self.alias,
-            self._template(template_name),
+            template,
             params,
             force_local=not self.require_pushed,
         )
+        return response, path, template.script_id
 
     def _script_score(self, params: dict[str, Any]) -> dict[str, Any]:
         if not server_info(self.client).has_painless:
@@ -240,6 +272,9 @@ class Recommender:
         query_vector = params["query_vector"]
         # script_score rejects negative scores; |q|*max|r| bounds -<q, r>.
         offset = math.sqrt(sum(x * x for x in query_vector)) * max_norm
+        filters: list[dict[str, Any]] = [{"term": {"feature_type": MOVIE}}]
+        if params.get("filter_genres"):
+            filters.append({"terms": {"genres": params["genres"]}})
         body = {
             "size": params["k"],
             "_source": ["feature_type", "value", "title", "genres"],
@@ -247,7 +282,7 @@ class Recommender:
                 "script_score": {
                     "query": {
                         "bool": {
-                            "filter": [{"term": {"feature_type": MOVIE}}],
+                            "filter": filters,
                             "must_not": [
                                 {"terms": {"value": params.get("exclude_movies", [])}}
                             ],
@@ -267,17 +302,23 @@ class Recommender:
         return response
 
     def _run(
-        self, template_name: str, profile: dict[str, str], params: dict[str, Any]
+        self,
+        template_name: str,
+        profile: dict[str, str],
+        params: dict[str, Any],
+        *,
+        round_trips: int = 0,
     ) -> QueryOutcome:
+        trips = round_trips
         for attempt in (1, 2):
-            vector, trips = self.profile_vector(profile)
+            vector, fetch_trips = self.profile_vector(profile)
             query_vector = [float(x) for x in vector] + [1.0]
             if template_name == "similar_items":
                 query_vector = query_vector[:-1]
-            response, path = self._search(
+            response, path, script_id = self._search(
                 template_name, {**params, "query_vector": query_vector}
             )
-            trips += 1
+            trips += fetch_trips + 1
             hits = response["hits"]["hits"]
             served_by = {hit["_index"] for hit in hits}
             if served_by and served_by != {self._index} and attempt == 1:
@@ -295,7 +336,7 @@ class Recommender:
             self._recommendation(hit, offset, template_name) for hit in hits
         ]
         index = self._index or ",".join(sorted(served_by)) or self.alias
-        return QueryOutcome(recommendations, index, path, trips)
+        return QueryOutcome(recommendations, index, path, trips, script_id)
 
     @staticmethod
     def _recommendation(
@@ -306,7 +347,7 @@ class Recommender:
         if offset is not None:
             rank_value = score - offset
         elif template_name == "similar_items":
-            rank_value = 2.0 * score - 1.0  # cosine: score = (1 + cos) / 2
+            rank_value = cosine_from_score(score)
         else:
             rank_value = rank_value_from_score(score)
         return Recommendation(
@@ -318,12 +359,28 @@ class Recommender:
         )
 
     def _params(
-        self, k: int, exclude: list[str] | None, genres: list[str] | None
+        self,
+        k: int,
+        exclude: list[str] | None,
+        genres: list[str] | None,
+        num_candidates: int | None = None,
     ) -> dict[str, Any]:
         check_k(k)
+        if num_candidates is None:
+            num_candidates = min(MAX_K, max(100, 2 * k))
+        elif (
+            isinstance(num_candidates, bool)
+            or not isinstance(num_candidates, int)
+            or not k <= num_candidates <= MAX_K
+        ):
+            raise QueryError(
+                f"invalid num_candidates {num_candidates!r}: it must be an integer "
+                f"from k ({k}) to {MAX_K}",
+                hint="leave it unset for max(100, 2 * k)",
+            )
         return {
             "k": k,
-            "num_candidates": min(MAX_K, max(100, 2 * k)),
+            "num_candidates": num_candidates,
             "exclude_movies": [str(movie) for movie in exclude or []],
             "filter_genres": bool(genres),
             "genres": list(genres or []),
@@ -338,10 +395,17 @@ class Recommender:
         k: int = 10,
         exclude: list[str] | None = None,
         genres: list[str] | None = None,
+        num_candidates: int | None = None,
     ) -> QueryOutcome:
-        """Rank movies for a user never seen in training, from metadata only."""
+        """Rank movies for a user never seen in training, from metadata only.
+
+        ``num_candidates`` is the kNN candidate count per shard, by default
+        ``max(100, 2 * k)``. The shipped mapping searches exactly (``flat``), so
+        it changes results only on an approximate (HNSW) index.
+        """
         profile = normalize_profile(gender=gender, age=age, occupation=occupation)
-        return self._run("cold_start", profile, self._params(k, exclude, genres))
+        params = self._params(k, exclude, genres, num_candidates)
+        return self._run("cold_start", profile, params)
 
     def cold_start(self, **kwargs: Any) -> list[Recommendation]:
         """Same as ``cold_start_outcome``, returning only the recommendations."""
@@ -353,22 +417,40 @@ class Recommender:
         *,
         k: int = 10,
         exclude: list[str] | None = None,
+        genres: list[str] | None = None,
+        num_candidates: int | None = None,
     ) -> QueryOutcome:
-        """Rank movies for an already normalized profile (see ``normalize_profile``)."""
-        return self._run("cold_start", profile, self._params(k, exclude, None))
+        """Rank movies for an already normalized profile (see ``normalize_profile``).
+
+        Every profile, a ``user`` key included, runs the ``cold_start`` template,
+        so validation works with project folders made before ``known_user``.
+        """
+        params = self._params(k, exclude, genres, num_candidates)
+        return self._run("cold_start", profile, params)
 
     def known_user(
-        self, user_id: str | int, *, k: int = 10, exclude: list[str] | None = None
+        self,
+        user_id: str | int,
+        *,
+        k: int = 10,
+        exclude: list[str] | None = None,
+        genres: list[str] | None = None,
+        num_candidates: int | None = None,
     ) -> QueryOutcome:
-        """Rank movies for a user seen in training: user plus metadata vectors."""
+        """Rank movies for a user seen in training: user plus metadata vectors.
+
+        The user document stores the user's age, gender and occupation, so the
+        first call for a user costs one extra round trip and later calls none.
+        """
         user_doc = document_id("user", str(user_id))
-        self._fetch([user_doc])
+        trips = self._fetch([user_doc])
         source = self._sources[user_doc]
         profile = {"user": str(user_id)}
         for feature_type in ("age", "gender", "occupation"):
             if source.get(feature_type) is not None:
                 profile[feature_type] = str(source[feature_type])
-        return self._run("cold_start", profile, self._params(k, exclude, None))
+        params = self._params(k, exclude, genres, num_candidates)
+        return self._run("known_user", profile, params, round_trips=trips)
 
     def find_movie(self, title: str) -> dict[str, Any]:
         """Return the movie document whose title matches ``title`` best."""
@@ -400,10 +482,20 @@ class Recommender:
         return hits[0]["_source"]
 
     def similar(
-        self, title: str, *, k: int = 10, genres: list[str] | None = None
+        self,
+        title: str,
+        *,
+        k: int = 10,
+        exclude: list[str] | None = None,
+        genres: list[str] | None = None,
+        num_candidates: int | None = None,
     ) -> QueryOutcome:
-        """Movies closest to ``title`` by cosine on the movie-side embedding."""
+        """Find the movies closest to ``title`` by cosine on the movie embedding.
+
+        The movie itself is always excluded. Looking up the title costs one
+        round trip on every call.
+        """
         movie = self.find_movie(title)
         movie_id = str(movie["value"])
-        params = self._params(k, [movie_id], genres)
-        return self._run("similar_items", {"movie": movie_id}, params)
+        params = self._params(k, [movie_id, *(exclude or [])], genres, num_candidates)
+        return self._run("similar_items", {"movie": movie_id}, params, round_trips=1)

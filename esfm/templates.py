@@ -479,3 +479,121 @@ def search_with_template(
     with cluster_errors(client, f"searching {index} with {template.name}"):
         response = client.search(index=index, body=body)
     return dict(response), "local"
+
+
+TEMPLATE_STATES = ("same", "differs", "only in files", "only on cluster")
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateDiff:
+    """How one template version in the files compares with the cluster registry.
+
+    ``state`` is one of ``TEMPLATE_STATES``. ``stored_script`` is True or False
+    when the cluster has ``lang-mustache`` and tells whether the stored script
+    ``script_id`` has the file's source, and None when there is no file to
+    compare or no mustache engine.
+    """
+
+    name: str
+    version: int
+    script_id: str
+    state: str
+    file_checksum: str | None
+    cluster_checksum: str | None
+    pushed_at: str | None = None
+    stored_script: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def stored_script_source(client: Elasticsearch, script_id: str) -> str | None:
+    """Return the source of stored script ``script_id``, or None if there is none."""
+    with cluster_errors(client, f"reading stored script {script_id}"):
+        try:
+            response = client.get_script(id=script_id)
+        except elasticsearch.NotFoundError:
+            return None
+    if not response.get("found", True):
+        return None
+    return response["script"]["source"]
+
+
+def diff_templates(
+    client: Elasticsearch, templates: dict[str, SearchTemplate]
+) -> list[TemplateDiff]:
+    """Compare template files with the versions in the cluster's registry.
+
+    Each file version and each registry version gets one entry: ``same`` when
+    the registry has that version with the file's checksum, ``differs`` when
+    its checksum is another, ``only in files`` when the version was never
+    pushed, and ``only on cluster`` for registry versions without a file.
+    Entries are sorted by name, then version.
+    """
+    entries = {
+        f"esfm-{entry['name']}-v{entry['version']}": entry
+        for entry in registry_entries(client)
+    }
+    check_scripts = server_info(client).has_mustache
+    diffs = []
+    for template in templates.values():
+        entry = entries.pop(template.script_id, None)
+        if entry is None:
+            state = "only in files"
+        elif entry["checksum"] == template.checksum:
+            state = "same"
+        else:
+            state = "differs"
+        stored = None
+        if check_scripts:
+            source = stored_script_source(client, template.script_id)
+            stored = source == template.source
+        diffs.append(
+            TemplateDiff(
+                name=template.name,
+                version=template.version,
+                script_id=template.script_id,
+                state=state,
+                file_checksum=template.checksum,
+                cluster_checksum=entry["checksum"] if entry else None,
+                pushed_at=entry.get("pushed_at") if entry else None,
+                stored_script=stored,
+            )
+        )
+    for script_id, entry in entries.items():
+        diffs.append(
+            TemplateDiff(
+                name=entry["name"],
+                version=int(entry["version"]),
+                script_id=script_id,
+                state="only on cluster",
+                file_checksum=None,
+                cluster_checksum=entry["checksum"],
+                pushed_at=entry.get("pushed_at"),
+            )
+        )
+    return sorted(diffs, key=lambda diff: (diff.name, diff.version))
+
+
+def render_on_cluster(
+    client: Elasticsearch, template: SearchTemplate, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Render ``template`` with the cluster's mustache engine (``_render/template``).
+
+    The parameters are checked and completed with defaults first, exactly as
+    for a search, so the result is comparable with ``template.render``.
+
+    Raises:
+        TemplateError: the cluster has no ``lang-mustache`` module.
+    """
+    if not server_info(client).has_mustache:
+        raise TemplateError(
+            "the cluster has no lang-mustache module, so it cannot render templates",
+            hint="compare with a cluster that has lang-mustache installed",
+        )
+    resolved = template.resolve_params(params)
+    with cluster_errors(client, f"rendering {template.name} on the cluster"):
+        response = client.render_search_template(
+            source=template.source, params=resolved
+        )
+    return dict(response["template_output"])

@@ -11,8 +11,8 @@ The schedule follows the classic recipe (k=120, Adam at lr 1e-3, batch 1024,
   touch every row at every step, so L2 regularization is a loss term on the
   touched rows instead (``FactorizationMachine.forward_with_penalty``). Its
   strength ``weight_decay`` is per occurrence and per example, so its scale
-  differs from Adam's ``weight_decay``; the default was chosen on the
-  early-stopping set (see bench/README.md).
+  differs from Adam's ``weight_decay``. The default was chosen by the RMSE
+  on the early-stopping set (see bench/README.md).
 * Early stopping watches a held-out part of the training split, never the
   validation split, and restores the best epoch.
 """
@@ -260,8 +260,8 @@ class LazyAdam:
 class FusedTrainer:
     """Training state and the hand-derived FM gradient step.
 
-    ``table[:, :k]`` holds the embeddings and ``table[:, k]`` the linear
-    weights, so one gather serves both; the last row is the zero padding row.
+    ``table[:, :k]`` contains the embeddings and ``table[:, k]`` the linear
+    weights, so one gather serves both. The last row is the zero padding row.
     The gradient is derived from the FM formula; the unit tests check it
     against autograd on ``FactorizationMachine``.
     """
