@@ -9,9 +9,9 @@ features (user, movie, age, gender, occupation) and the same validation
 ratings; the recipe trains on all of the other 90%.
 
 Each phase runs in its own spawned process, so its peak RSS is its own.
-``--recipe-epochs N`` times only N recipe epochs: the seconds per epoch are
-then measured on N epochs and the recipe's RMSE is the one after N epochs,
-which the output says.
+``--recipe-epochs N`` runs only N recipe epochs. The recipe's seconds per
+epoch are then the mean over those N epochs and its RMSE is the RMSE after N
+epochs, and the printed table and a NOTE line state this.
 
 Usage:
     python bench/train_vs_recipe.py [--data DIR] [--recipe-epochs 10] [--threads 2]

@@ -14,6 +14,8 @@ for root, because other accounts cannot enter ``/root``)::
     <ESFM_HOME>/dist/elasticsearch-<version>/   unpacked distribution (cache)
     <ESFM_HOME>/clusters/<name>.lock            lock held while changing <name>
     <ESFM_HOME>/clusters/<name>/state.json      pids, ports and paths
+    <ESFM_HOME>/clusters/<name>/elastic-password  secured clusters only (mode 600)
+    <ESFM_HOME>/clusters/<name>/certs/          CA and node certificate (secured)
     <ESFM_HOME>/clusters/<name>/node-<i>/{config,data,logs,tmp}
 
 ``ESFM_CACHE_DIR`` moves the distribution cache elsewhere, so tests can keep
@@ -22,6 +24,7 @@ cluster state in a temporary home and still share one download.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -31,9 +34,11 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -69,6 +74,8 @@ DEFAULT_MULTI_NODE_HEAP = "512m"
 LOOPBACK = "127.0.0.1"
 SERVICE_USER = "esfm"
 STATE_FORMAT = 1
+SUPERUSER = "elastic"
+PASSWORD_FILE = "elastic-password"
 LOG_TAIL_LINES = 40
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -616,6 +623,11 @@ class ClusterState:
     started_at: str
     nodes: list[NodeState]
     path: Path | None = None
+    # Secured clusters only. The state file names the password file but never
+    # contains the password.
+    ca_certs: str | None = None
+    ssl_fingerprint: str | None = None
+    password_file: str | None = None
 
     @property
     def url(self) -> str:
@@ -628,6 +640,16 @@ class ClusterState:
     def is_running(self) -> bool:
         """Return whether at least one node's Elasticsearch process is alive."""
         return any(node.is_running(self.es_home) for node in self.nodes)
+
+    def credentials(self) -> tuple[str, str] | None:
+        """Return ``("elastic", password)`` of a secured cluster, else None.
+
+        Raises:
+            LocalClusterError: the password file is missing or unreadable.
+        """
+        if not self.security or not self.password_file:
+            return None
+        return SUPERUSER, read_password_file(Path(self.password_file))
 
     def running_nodes(self) -> list[NodeState]:
         """Return the nodes whose Elasticsearch process is alive."""
@@ -652,6 +674,7 @@ class ClusterState:
                 raise ValueError(f"unsupported format {document.get('format')!r}")
             nodes = [NodeState(**node) for node in document["nodes"]]
             fields = {k: document[k] for k in _STATE_FIELDS}
+            fields.update({k: document.get(k) for k in _OPTIONAL_STATE_FIELDS})
         except (KeyError, TypeError, ValueError) as exc:
             raise LocalClusterError(
                 f"invalid cluster state file {path}: {exc}",
@@ -662,6 +685,7 @@ class ClusterState:
 
 _STATE_FIELDS = ("name", "version", "es_home", "java_home", "user", "security")
 _STATE_FIELDS += ("started_at",)
+_OPTIONAL_STATE_FIELDS = ("ca_certs", "ssl_fingerprint", "password_file")
 
 
 def write_state(state: ClusterState, path: Path) -> None:
@@ -975,12 +999,199 @@ def render_node_config(
         lines.append(f"discovery.seed_hosts: [{seeds}]")
         lines.append(f"cluster.initial_master_nodes: [{masters}]")
     if security:
-        # TODO: security=True needs TLS certificates from elasticsearch-certutil
-        # and a bootstrap password in the keystore; start() rejects it for now.
         lines.append("xpack.security.enabled: true")
+        # HTTP and transport share the node certificate that esfm signs with
+        # its own CA; paths are relative to the node's config directory.
+        for layer in ("http", "transport"):
+            prefix = f"xpack.security.{layer}.ssl"
+            lines.append(f"{prefix}.enabled: true")
+            lines.append(f"{prefix}.key: {NODE_CERT_DIR}/node.key")
+            lines.append(f"{prefix}.certificate: {NODE_CERT_DIR}/node.crt")
+            lines.append(f"{prefix}.certificate_authorities: {NODE_CERT_DIR}/ca.crt")
+        lines.append("xpack.security.transport.ssl.verification_mode: certificate")
+        lines.append("xpack.security.authc.api_key.enabled: true")
+        lines.append("xpack.security.authc.token.enabled: true")
     else:
         lines.append("xpack.security.enabled: false")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# Security: certificates and the elastic password
+
+NODE_CERT_DIR = "certs"
+
+
+def _write_private_file(path: Path, text: str) -> None:
+    # mkstemp creates the file with mode 600, so the text is never readable
+    # by other accounts, not even for a moment.
+    descriptor, temporary = tempfile.mkstemp(prefix=".private-", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(text)
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def read_password_file(path: Path) -> str:
+    """Return the password stored in ``path``; warn when other users can read it.
+
+    Raises:
+        LocalClusterError: the file is missing, unreadable or empty.
+    """
+    try:
+        mode = path.stat().st_mode
+        password = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise LocalClusterError(
+            f"cannot read the elastic password file {path}: {exc.strerror}",
+            hint="restart the cluster with --clean to set a new password",
+        ) from exc
+    if mode & 0o077:
+        logger.warning(
+            "password file %s is readable by other users; run: chmod 600 %s",
+            path,
+            path,
+        )
+    if not password:
+        raise LocalClusterError(
+            f"the elastic password file {path} is empty",
+            hint="restart the cluster with --clean to set a new password",
+        )
+    return password
+
+
+def _run_es_tool(
+    es_home: Path,
+    java_home: str,
+    tool: str,
+    arguments: list[str],
+    *,
+    conf_dir: Path | None = None,
+    stdin: str | None = None,
+) -> None:
+    """Run ``bin/<tool>`` of the distribution; stdin is never logged or shown."""
+    environment = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "ES_JAVA_HOME": java_home,
+        "ES_PATH_CONF": str(conf_dir or es_home / "config"),
+    }
+    command = [str(es_home / "bin" / tool), *arguments]
+    logger.debug("running %s", " ".join(command))
+    result = subprocess.run(
+        command,
+        env=environment,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).strip()[-2000:]
+        raise LocalClusterError(
+            f"{tool} {' '.join(arguments[:1])} failed with exit status "
+            f"{result.returncode}: {output}",
+            hint=f"check that {es_home / 'bin' / tool} runs with Java from {java_home}",
+        )
+
+
+def _unzip_to(zip_path: Path, target: Path) -> None:
+    with zipfile.ZipFile(zip_path) as archive:
+        for member in archive.infolist():
+            name = Path(member.filename)
+            if member.is_dir() or name.is_absolute() or ".." in name.parts:
+                continue
+            destination = target / name.name
+            with archive.open(member) as source, open(destination, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+            os.chmod(destination, 0o600)
+
+
+def ensure_certificates(es_home: Path, java_home: str, certs_dir: Path) -> Path:
+    """Create a CA and a node certificate for 127.0.0.1 with elasticsearch-certutil.
+
+    Writes ``ca.crt``, ``ca.key``, ``node.crt`` and ``node.key`` (mode 600)
+    into ``certs_dir`` unless they exist, and returns the path of ``ca.crt``.
+    The node certificate's subject alternative names are ``127.0.0.1`` and
+    ``localhost``.
+    """
+    wanted = [certs_dir / f for f in ("ca.crt", "ca.key", "node.crt", "node.key")]
+    if all(path.is_file() for path in wanted):
+        return certs_dir / "ca.crt"
+    certs_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(certs_dir, 0o700)
+    with tempfile.TemporaryDirectory(prefix=".certutil-", dir=certs_dir) as scratch:
+        ca_zip, node_zip = Path(scratch) / "ca.zip", Path(scratch) / "node.zip"
+        tool = "elasticsearch-certutil"
+        _run_es_tool(
+            es_home, java_home, tool, ["ca", "--pem", "--silent", "--out", str(ca_zip)]
+        )
+        _unzip_to(ca_zip, certs_dir)
+        cert_arguments = ["cert", "--pem", "--silent", "--name", "node"]
+        cert_arguments += ["--ca-cert", str(certs_dir / "ca.crt")]
+        cert_arguments += ["--ca-key", str(certs_dir / "ca.key")]
+        cert_arguments += [
+            "--ip",
+            LOOPBACK,
+            "--dns",
+            "localhost",
+            "--out",
+            str(node_zip),
+        ]
+        _run_es_tool(es_home, java_home, tool, cert_arguments)
+        _unzip_to(node_zip, certs_dir)
+    logger.info("created a CA and a node certificate in %s", certs_dir)
+    return certs_dir / "ca.crt"
+
+
+def certificate_fingerprint(pem_path: Path) -> str:
+    """Return the SHA-256 fingerprint of a PEM certificate, as lowercase hex."""
+    der = ssl.PEM_cert_to_DER_cert(pem_path.read_text(encoding="ascii"))
+    return hashlib.sha256(der).hexdigest()
+
+
+def _ensure_password(base: Path, clean: bool) -> Path:
+    # The bootstrap password sets the elastic password only while the
+    # .security index does not exist, so a restart without --clean must keep
+    # the password of the previous run.
+    path = base / PASSWORD_FILE
+    if path.is_file() and not clean:
+        return path
+    _write_private_file(path, secrets.token_urlsafe(24) + "\n")
+    logger.info("wrote a new elastic password to %s (mode 600)", path)
+    return path
+
+
+def _install_node_security(
+    es_home: Path, java_home: str, node_dir: Path, certs_dir: Path, password: str
+) -> None:
+    node_certs = node_dir / "config" / NODE_CERT_DIR
+    node_certs.mkdir(exist_ok=True)
+    for file_name in ("ca.crt", "node.crt", "node.key"):
+        shutil.copyfile(certs_dir / file_name, node_certs / file_name)
+        os.chmod(node_certs / file_name, 0o600)
+    _run_es_tool(
+        es_home,
+        java_home,
+        "elasticsearch-keystore",
+        ["add", "--force", "--stdin", "bootstrap.password"],
+        conf_dir=node_dir / "config",
+        stdin=password,
+    )
+
+
+def _chown_tree(root: Path, account: _Account | None) -> None:
+    if account is None:
+        return
+    for directory, _subdirs, files in os.walk(root):
+        os.chown(directory, account.uid, account.gid)
+        for file_name in files:
+            os.chown(Path(directory) / file_name, account.uid, account.gid)
 
 
 def _prepare_node_dirs(
@@ -1005,11 +1216,7 @@ def _prepare_node_dirs(
     (options / "esfm-heap.options").write_text(f"-Xms{heap}\n-Xmx{heap}\n")
 
     os.chmod(node_dir, 0o750)
-    if account is not None:
-        for directory, _subdirs, files in os.walk(node_dir):
-            os.chown(directory, account.uid, account.gid)
-            for file_name in files:
-                os.chown(Path(directory) / file_name, account.uid, account.gid)
+    _chown_tree(node_dir, account)
 
 
 def _launch_node(
@@ -1111,25 +1318,59 @@ def _now() -> str:
 # HTTP
 
 
-def _get_json(url: str, path: str, timeout: float = 5.0) -> Any:
-    request = urllib.request.Request(url + path, headers={"Accept": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+@dataclasses.dataclass(frozen=True)
+class HttpAccess:
+    """CA file and basic-auth credentials for requests to a secured node."""
+
+    ca_certs: str | None = None
+    credentials: tuple[str, str] | None = None
+
+    def __repr__(self) -> str:
+        user = self.credentials[0] if self.credentials else None
+        return f"HttpAccess(ca_certs={self.ca_certs!r}, user={user!r})"
+
+
+def http_access(state: ClusterState) -> HttpAccess | None:
+    """Return what requests to ``state``'s nodes need, or None when unsecured."""
+    if not state.security:
+        return None
+    return HttpAccess(ca_certs=state.ca_certs, credentials=state.credentials())
+
+
+def _get_json(
+    url: str, path: str, timeout: float = 5.0, access: HttpAccess | None = None
+) -> Any:
+    headers = {"Accept": "application/json"}
+    context = None
+    if access is not None:
+        if access.credentials is not None:
+            token = base64.b64encode(":".join(access.credentials).encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        if url.startswith("https://"):
+            context = ssl.create_default_context(cafile=access.ca_certs)
+    request = urllib.request.Request(url + path, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         return json.loads(response.read())
 
 
 def cluster_health(
-    url: str, *, request_timeout: float = 5.0, **params: Any
+    url: str,
+    *,
+    request_timeout: float = 5.0,
+    access: HttpAccess | None = None,
+    **params: Any,
 ) -> dict[str, Any]:
     """Return ``GET /_cluster/health`` of the node at ``url``.
 
     ``params`` are query parameters such as ``wait_for_nodes=3`` or
     ``timeout="1s"``. A 408 from a wait that timed out still returns the
-    health document, whose ``timed_out`` is then true.
+    health document, whose ``timed_out`` is then true. ``access`` carries the
+    CA file and credentials of a secured node.
     """
     query = urllib.parse.urlencode(params)
     path = "/_cluster/health" + (f"?{query}" if query else "")
     try:
-        return _get_json(url, path, request_timeout)
+        return _get_json(url, path, request_timeout, access)
     except urllib.error.HTTPError as exc:
         if exc.code == 408:
             return json.loads(exc.read())
@@ -1145,6 +1386,7 @@ def _wait_until_healthy(
 ) -> dict[str, Any]:
     deadline = time.monotonic() + wait_timeout
     last_error = "no answer yet"
+    access = http_access(state)
     while True:
         for node in nodes:
             _read_server_pid(node)
@@ -1157,6 +1399,7 @@ def _wait_until_healthy(
                 wait_for_nodes=f">={expected_nodes}",
                 wait_for_status="yellow",
                 timeout="1s",
+                access=access,
             )
         except (OSError, ValueError) as exc:
             last_error = str(exc)
@@ -1287,8 +1530,11 @@ def start(
             and 512m each for several.
         version: Elasticsearch version; defaults to the version inside
             ``dist_zip``, else :data:`DEFAULT_VERSION`.
-        security: must be False for now; the nodes run with
-            ``xpack.security.enabled: false``.
+        security: enable x-pack security: TLS on HTTP and transport with a
+            CA and node certificate made by ``bin/elasticsearch-certutil``,
+            and an ``elastic`` password set through the keystore's
+            ``bootstrap.password``. The password goes to a mode-600 file
+            named by ``ClusterState.password_file``, never to the state file.
         wait_timeout: seconds to wait for a healthy cluster.
         clean: delete the data and log directories of a previous run first.
         dist_zip: local distribution zip, default ``$ESFM_ES_DIST``.
@@ -1305,13 +1551,6 @@ def start(
     _validate_start_options(name, nodes, http_port, transport_port, heap)
     if version is not None:
         _validate_version(version)
-    if security:
-        # TODO: TLS certificates from bin/elasticsearch-certutil and a
-        # bootstrap password stored with mode 600 are not implemented yet.
-        raise LocalClusterError(
-            "security=True is not supported by the local cluster yet",
-            hint="start without security; the nodes listen on 127.0.0.1 only",
-        )
     home = Path(home) if home is not None else default_home()
 
     with _cluster_lock(name, home):
@@ -1343,13 +1582,25 @@ def start(
                 _check_reachable(path, account)
 
         state = _new_state(name, version, es_home, java, account, base, security)
-        state.nodes = _new_nodes(name, base, http_ports, transport_ports)
+        scheme = "https" if security else "http"
+        state.nodes = _new_nodes(name, base, http_ports, transport_ports, scheme)
+        if security:
+            _prepare_security(state, es_home, base, clean)
         for node in state.nodes:
             config_text = render_node_config(
                 cluster_name=name, node=node, all_nodes=state.nodes, security=security
             )
             node_dir = Path(node.config_path).parent
             _prepare_node_dirs(es_home, node_dir, config_text, heap, account, clean)
+            if security:
+                _install_node_security(
+                    es_home,
+                    state.java_home,
+                    node_dir,
+                    base / NODE_CERT_DIR,
+                    read_password_file(Path(state.password_file or "")),
+                )
+                _chown_tree(node_dir, account)
 
         _launch_and_wait(state, state.nodes, account, wait_timeout, on_progress)
         logger.info(
@@ -1376,8 +1627,21 @@ def _new_state(name, version, es_home, java, account, base, security) -> Cluster
     )
 
 
+def _prepare_security(
+    state: ClusterState, es_home: Path, base: Path, clean: bool
+) -> None:
+    ca_path = ensure_certificates(es_home, state.java_home, base / NODE_CERT_DIR)
+    state.ca_certs = str(ca_path)
+    state.ssl_fingerprint = certificate_fingerprint(base / NODE_CERT_DIR / "node.crt")
+    state.password_file = str(_ensure_password(base, clean))
+
+
 def _new_nodes(
-    name: str, base: Path, http_ports: list[int], transport_ports: list[int]
+    name: str,
+    base: Path,
+    http_ports: list[int],
+    transport_ports: list[int],
+    scheme: str = "http",
 ) -> list[NodeState]:
     nodes = []
     for index, (http, transport) in enumerate(
@@ -1390,7 +1654,7 @@ def _new_nodes(
                 name=f"{name}-node-{index}",
                 http_port=http,
                 transport_port=transport,
-                url=f"http://{LOOPBACK}:{http}",
+                url=f"{scheme}://{LOOPBACK}:{http}",
                 config_path=str(node_dir / "config"),
                 data_path=str(node_dir / "data"),
                 log_path=str(node_dir / "logs"),
@@ -1606,6 +1870,9 @@ class ClusterStatus:
     health: dict[str, Any] | None
     error: str | None
     state_path: str
+    security: bool = False
+    ca_certs: str | None = None
+    password_file: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the status as a JSON-ready dict."""
@@ -1637,8 +1904,9 @@ def status(name: str = "default", *, home: Path | None = None) -> ClusterStatus:
         error = "no node process is running"
     else:
         try:
-            health = cluster_health(state.url)
-            local = _get_json(state.url, "/_nodes/_local")
+            access = http_access(state)
+            health = cluster_health(state.url, access=access)
+            local = _get_json(state.url, "/_nodes/_local", access=access)
             version = next(iter(local["nodes"].values()))["version"]
         except (OSError, ValueError, KeyError, StopIteration) as exc:
             error = f"{state.url} did not answer: {exc}"
@@ -1651,4 +1919,7 @@ def status(name: str = "default", *, home: Path | None = None) -> ClusterStatus:
         health=health,
         error=error,
         state_path=str(state.path),
+        security=state.security,
+        ca_certs=state.ca_certs,
+        password_file=state.password_file,
     )

@@ -9,6 +9,8 @@ file only, and ``ConnectionSettings.__repr__`` masks them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import logging
 import os
@@ -25,6 +27,67 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:9200"
 SECRET_FIELDS = ("password", "api_key", "bearer_token")
+SECRET_ENV_VARS = ("ESFM_PASSWORD", "ESFM_API_KEY", "ESFM_BEARER_TOKEN")
+REDACTED = "***"
+# Shorter values are left alone so that redaction cannot mangle ordinary
+# words; real passwords, keys and tokens are longer.
+MIN_SECRET_LENGTH = 4
+
+# Secret values seen by resolve_settings in this process, so that the CLI
+# boundary and the log filter can remove them from any text.
+_known_secrets: set[str] = set()
+
+
+def _secret_forms(value: str, username: str | None = None) -> set[str]:
+    """Return ``value`` and the encodings in which it can appear on the wire."""
+    forms = {value}
+    if username is not None:
+        forms.add(base64.b64encode(f"{username}:{value}".encode()).decode())
+    # An encoded API key is base64 of "id:key"; its key half is secret too.
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        decoded = ""
+    if ":" in decoded:
+        forms.add(decoded)
+        forms.add(decoded.split(":", 1)[1])
+    return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
+
+
+def register_secret(value: str | None, username: str | None = None) -> None:
+    """Remember ``value`` so that :func:`redact` removes it from text."""
+    if value:
+        _known_secrets.update(_secret_forms(value, username))
+
+
+def redact(text: str, environ: dict[str, str] | None = None) -> str:
+    """Replace every known secret in ``text`` with ``***``.
+
+    Known secrets are those passed to :func:`register_secret` (every secret
+    that :func:`resolve_settings` read) and the values of ``ESFM_PASSWORD``,
+    ``ESFM_API_KEY`` and ``ESFM_BEARER_TOKEN``.
+    """
+    env = os.environ if environ is None else environ
+    values = set(_known_secrets)
+    for variable in SECRET_ENV_VARS:
+        if env.get(variable):
+            values |= _secret_forms(env[variable], env.get("ESFM_USERNAME"))
+    # Longest first, so a secret that contains another is replaced whole.
+    for value in sorted(values, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that removes known secrets from each record's message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
 
 ENV_VARS = {
     "url": "ESFM_URL",
@@ -115,18 +178,29 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return section
 
 
-def _local_cluster_url() -> str | None:
+def _local_cluster_defaults() -> dict[str, Any]:
+    """Return the URL, and for a secured cluster the CA and elastic login.
+
+    These are the lowest-priority settings: the config file, the environment
+    and options override each of them.
+    """
     # Imported here because the local cluster module is heavier and optional.
     from esfm import cluster
 
     try:
         state = cluster.read_state()
+        if state is None or not state.is_running():
+            return {}
+        defaults: dict[str, Any] = {"url": state.url}
+        if state.security:
+            credentials = state.credentials()
+            defaults["ca_certs"] = state.ca_certs
+            if credentials is not None:
+                defaults["username"], defaults["password"] = credentials
     except Exception:  # a broken state file must not stop remote use
         logger.debug("ignoring unreadable local cluster state", exc_info=True)
-        return None
-    if state is None or not state.is_running():
-        return None
-    return state.url
+        return {}
+    return defaults
 
 
 def resolve_settings(
@@ -156,7 +230,16 @@ def resolve_settings(
     values.update({key: value for key, value in overrides.items() if value is not None})
 
     if "url" not in values:
-        values["url"] = _local_cluster_url() or DEFAULT_URL
+        local = _local_cluster_defaults()
+        values["url"] = local.get("url", DEFAULT_URL)
+        values.setdefault("ca_certs", local.get("ca_certs"))
+        # The local elastic login applies only when no credential was given.
+        if not any(values.get(key) for key in ("username", *SECRET_FIELDS)):
+            values["username"] = local.get("username")
+            values["password"] = local.get("password")
+    register_secret(values.get("password"), values.get("username"))
+    register_secret(values.get("api_key"))
+    register_secret(values.get("bearer_token"))
     if "request_timeout" in values:
         try:
             values["request_timeout"] = float(values["request_timeout"])
@@ -170,12 +253,42 @@ def resolve_settings(
             "a password is set but no username",
             hint="set ESFM_USERNAME or --username",
         )
+    methods = [
+        name
+        for name, present in (
+            ("username/password", values.get("username")),
+            ("API key", values.get("api_key")),
+            ("bearer token", values.get("bearer_token")),
+        )
+        if present
+    ]
+    if len(methods) > 1:
+        raise ConfigError(
+            f"several credentials are set ({', '.join(methods)}); Elasticsearch "
+            "accepts one per request",
+            hint="unset all but one of ESFM_USERNAME, ESFM_API_KEY and "
+            "ESFM_BEARER_TOKEN (and the same keys of the config file)",
+        )
+    if values.get("ssl_fingerprint"):
+        values["ssl_fingerprint"] = _normalize_fingerprint(values["ssl_fingerprint"])
     if not str(values["url"]).startswith(("http://", "https://")):
         raise ConfigError(
             f"invalid cluster URL {values['url']!r}",
             hint="use http://HOST:PORT or https://HOST:PORT",
         )
     return ConnectionSettings(**values)
+
+
+def _normalize_fingerprint(value: str) -> str:
+    # Accepts "AB:CD:..." as printed by openssl and Elasticsearch, or plain hex.
+    fingerprint = str(value).replace(":", "").strip().lower()
+    if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+        raise ConfigError(
+            f"invalid SHA-256 certificate fingerprint {value!r}: expected 64 hex "
+            "digits, optionally separated by colons",
+            hint="print it with: openssl x509 -noout -fingerprint -sha256 -in CERT",
+        )
+    return fingerprint
 
 
 def create_client(settings: ConnectionSettings) -> Elasticsearch:

@@ -426,9 +426,11 @@ def read_text(path: Path) -> str:
             hint=f"convert it, for example: iconv -f UTF-16 -t LATIN1 {path.name}",
         )
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw.decode("latin-1")
+        text = raw.decode("latin-1")
+    # Copies edited on Windows end lines with CRLF.
+    return text.replace("\r\n", "\n")
 
 
 def _line_at(text: str, lineno: int) -> str:

@@ -123,11 +123,13 @@ def classify_change(
     reasons: list[str] = []
     added: dict[str, Any] = {}
     for path in diff_mappings(new_props, live_props):
-        name = path.split(" ", 1)[0].split(".", 1)[0]
-        if path.endswith("(missing in cluster)") and "." not in path.split(" ")[0]:
-            added[name] = new_props[name]
-        elif path.endswith("(not in file)") and "." not in path.split(" ")[0]:
-            reasons.append(f"{name} removed")
+        field_path, _, side = path.partition(" ")
+        if side == "(missing in cluster)" and "." not in field_path:
+            added[field_path] = new_props[field_path]
+        elif side == "(missing in cluster)":
+            reasons.append(f"{field_path} added")
+        elif side == "(not in file)":
+            reasons.append(f"{field_path} removed")
         else:
             reasons.append(f"{path} changed")
     for key in sorted((set(live_mappings) | set(new_mappings)) - {"properties"}):

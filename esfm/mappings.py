@@ -20,6 +20,7 @@ from typing import Any
 from esfm.errors import MappingError
 
 VERSION_FILE = re.compile(r"^v(\d+)\.json$")
+MAPPING_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 DIMS_PLACEHOLDERS = {"${k}": 0, "${k+1}": 1}
 
 # Field types esfm knows how to fill; anything else in a mapping file is
@@ -93,7 +94,12 @@ def load_mapping_file(name: str, path: Path) -> MappingVersion:
             f"mapping file {str(path)!r} is not named v<N>.json",
             hint="rename it, for example to v2.json",
         )
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise MappingError(
+            f"cannot read mapping file {str(path)!r}: {exc.strerror}"
+        ) from exc
     try:
         document = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -104,7 +110,8 @@ def load_mapping_file(name: str, path: Path) -> MappingVersion:
         raise MappingError(f"{path}: the top level must be a JSON object")
 
     version = document.get("version")
-    if version != int(match.group(1)):
+    # bool is an int subclass, and True == 1 would pass the comparison.
+    if isinstance(version, bool) or version != int(match.group(1)):
         raise MappingError(
             f"{path}: version is {version!r}, but the file name says "
             f"{int(match.group(1))}",
@@ -172,6 +179,11 @@ def load_versions(mappings_dir: Path, name: str) -> list[MappingVersion]:
     Raises:
         MappingError: no such mapping, a bad file, a duplicate or missing version.
     """
+    if not MAPPING_NAME.match(name):
+        raise MappingError(
+            f"invalid mapping name {name!r}",
+            hint="use lowercase letters, digits, '_' or '-', such as recsys",
+        )
     folder = mappings_dir / name
     if not folder.is_dir():
         raise MappingError(

@@ -225,16 +225,12 @@ def _choose_mode(
     )
     if same_version and change.kind == drift.CHANGE_NONE:
         return MODE_NOOP, change
-    if int(meta.get("mapping_version") or 0) > mapping.version:
+    live_version = int(meta.get("mapping_version") or 0)
+    if live_version > mapping.version:
         # An older file than the live one never goes in place: that would
         # record a downgrade in _meta without removing the newer fields.
-        return MODE_NEW_INDEX, drift.MappingChange(
-            drift.CHANGE_BREAKING,
-            {},
-            [
-                f"mapping v{mapping.version} is older than live v{meta['mapping_version']}"
-            ],
-        )
+        reason = f"mapping v{mapping.version} is older than live v{live_version}"
+        return MODE_NEW_INDEX, drift.MappingChange(drift.CHANGE_BREAKING, {}, [reason])
     return MODE_IN_PLACE, change
 
 
@@ -363,7 +359,6 @@ def ensure_ready(
             timeout=timeout,
         )
         settings = client.indices.get_settings(index=index)[index]["settings"]
-        count = int(client.count(index=index)["count"])
     primaries = int(settings["index"]["number_of_shards"])
     failed: list[str] = []
     if health.get("timed_out"):
@@ -375,8 +370,12 @@ def ensure_ready(
         failed.append(
             f"{health.get('active_primary_shards')} of {primaries} primaries active"
         )
-    if count != expected_docs:
-        failed.append(f"{count} documents, expected {expected_docs}")
+    else:
+        # Counting needs every primary, so it runs only when they are active.
+        with cluster_errors(client, f"counting the documents of {index}"):
+            count = int(client.count(index=index)["count"])
+        if count != expected_docs:
+            failed.append(f"{count} documents, expected {expected_docs}")
     if failed:
         error = MigrationError(
             f"index {index} is not ready: {'; '.join(failed)}",
@@ -442,7 +441,9 @@ def apply_migration(
         MigrationError: a step failed; the alias was not moved.
         ValidationFailed: the new index disagrees with the model.
     """
-    if plan.mode == MODE_NOOP or plan.existing == EXISTING_LIVE:
+    if plan.mode == MODE_NOOP or (
+        plan.mode == MODE_NEW_INDEX and plan.existing == EXISTING_LIVE
+    ):
         return MigrationResult(plan.alias, plan.index, plan.index, "noop", 0)
     if validate is None:
         from esfm.validate import require_valid

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 MAX_K = 10_000
 METHODS = ("knn", "script_score")
-# Templates that rank by b_M + <v_U, v_M> on rank_vector; script_score can
+# Templates that rank by b_M + <v_U, v_M> on rank_vector, so script_score can
 # stand in for them.
 RANKING_TEMPLATES = ("cold_start", "known_user")
 
@@ -71,7 +71,7 @@ def score_from_rank_value(rank_value: float) -> float:
 
 
 def rank_value_from_score(score: float) -> float:
-    """Invert ``score_from_rank_value``: recover the dot product from a score.
+    """Recover the dot product from a score, the inverse of ``score_from_rank_value``.
 
     Raises:
         QueryError: ``score`` is not positive, so no dot product maps to it.
@@ -104,7 +104,7 @@ def check_k(k: int) -> int:
 class QueryOutcome:
     """Recommendations plus how they were obtained.
 
-    ``path`` is ``"stored"``, ``"local"`` or ``"script_score"``; ``template`` is
+    ``path`` is ``"stored"``, ``"local"`` or ``"script_score"``. ``template`` is
     the stored script id of the search template, or None for ``script_score``.
     """
 

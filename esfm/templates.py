@@ -524,11 +524,11 @@ def diff_templates(
 ) -> list[TemplateDiff]:
     """Compare template files with the versions in the cluster's registry.
 
-    Each file version and each registry version gets one entry: ``same`` when
-    the registry has that version with the file's checksum, ``differs`` when
-    its checksum is another, ``only in files`` when the version was never
-    pushed, and ``only on cluster`` for registry versions without a file.
-    Entries are sorted by name, then version.
+    Each file version and each registry version gets one entry, sorted by name,
+    then version. The state is ``same`` when the registry has that version with
+    the file's checksum, and ``differs`` when its checksum is another. A file
+    version never pushed is ``only in files``, and a registry version without a
+    file is ``only on cluster``.
     """
     entries = {
         f"esfm-{entry['name']}-v{entry['version']}": entry

@@ -120,6 +120,12 @@ def cluster() -> None:
     show_default=True,
     help="Seconds to wait for the cluster to become healthy.",
 )
+@click.option(
+    "--security",
+    is_flag=True,
+    help="Enable x-pack security: HTTPS with a generated CA, and an elastic "
+    "password written to a mode-600 file.",
+)
 @handle_errors
 def start(
     name: str,
@@ -130,6 +136,7 @@ def start(
     dist: Path | None,
     clean: bool,
     timeout: float,
+    security: bool,
 ) -> None:
     """Start a local cluster and wait until it is healthy."""
     with _progress() as progress:
@@ -143,6 +150,7 @@ def start(
             wait_timeout=timeout,
             clean=clean,
             dist_zip=dist,
+            security=security,
             on_progress=renderer,
         )
         renderer.finish()
@@ -151,6 +159,14 @@ def start(
         f"{len(state.nodes)} node(s)) is running at {state.url}"
     )
     console.print(f"State file: {state.path}")
+    if state.security:
+        # The password itself is never printed: it stays in its file.
+        console.print(f"CA certificate: {state.ca_certs}")
+        console.print(f"Certificate SHA-256 fingerprint: {state.ssl_fingerprint}")
+        console.print(
+            f"User elastic; password in {state.password_file} (mode 600). "
+            "esfm commands use both while this cluster runs."
+        )
 
 
 @cluster.command()

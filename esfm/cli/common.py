@@ -33,24 +33,55 @@ def print_json(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
+def _print_error(message: str, hint: str | None) -> None:
+    from esfm.config import redact
+
+    # markup=False: a message may quote server text with [brackets].
+    err_console.print(
+        f"error: {redact(message)}", style="bold red", highlight=False, markup=False
+    )
+    if hint:
+        err_console.print(
+            f"hint: {redact(hint)}", style="yellow", highlight=False, markup=False
+        )
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into a red message and the error's exit code.
 
     This is the only place where an EsfmError becomes an exit status, so the
-    library itself never exits.
+    library itself never exits. Client exceptions that escaped the library's
+    own translation are translated here too, so no traceback (which could
+    quote request details) reaches the terminal. Known secrets are removed
+    from every message.
     """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import elasticsearch
+
+        from esfm.server import translate_error
+
         try:
             return func(*args, **kwargs)
         except EsfmError as exc:
-            err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-            if exc.hint:
-                err_console.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+            _print_error(exc.message, exc.hint)
             sys.exit(exc.exit_code)
+        except (elasticsearch.ApiError, elasticsearch.TransportError) as exc:
+            logging.getLogger(__name__).debug("untranslated client error: %r", exc)
+            error = translate_error(exc, "request failed", _client_url(kwargs))
+            _print_error(error.message, error.hint)
+            sys.exit(error.exit_code)
 
     return wrapper
+
+
+def _client_url(kwargs: dict[str, Any]) -> str:
+    client = kwargs.get("client")
+    try:
+        return str(client.transport.node_pool.all()[0].base_url)  # type: ignore[union-attr]
+    except (AttributeError, IndexError):
+        return "the cluster"
 
 
 def configure_logging(verbose: int) -> None:
@@ -60,15 +91,22 @@ def configure_logging(verbose: int) -> None:
         level = logging.INFO
     elif verbose >= 2:
         level = logging.DEBUG
+    from esfm.config import RedactingFilter
+
+    handler = RichHandler(console=err_console, show_path=False)
+    # Filters on a handler see records from every logger, the client's too.
+    handler.addFilter(RedactingFilter())
     logging.basicConfig(
         level=level,
         format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)],
+        handlers=[handler],
         force=True,
     )
-    # The transport logs every request at INFO; keep it for -vv only.
+    # The transport logs every request at INFO and each retry at WARNING
+    # with a full traceback; keep both for -vv only, because the error
+    # boundary reports the final failure in one message.
     logging.getLogger("elastic_transport").setLevel(
-        logging.DEBUG if verbose >= 2 else logging.WARNING
+        logging.DEBUG if verbose >= 2 else logging.ERROR
     )
 
 
@@ -93,6 +131,10 @@ def connection_options(func: F) -> F:
         )
         kwargs["client"] = create_client(settings)
         return func(*args, **kwargs)
+
+    # Settings errors are raised here, outside the command's own
+    # handle_errors, so this wrapper needs the boundary as well.
+    wrapper = handle_errors(wrapper)
 
     options = [
         click.option(

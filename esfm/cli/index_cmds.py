@@ -1,5 +1,5 @@
 """Commands that change or inspect indices: init, migrate, alias-swap, rollback,
-status, validate, lock and templates."""
+prune, status, validate, lock, templates and index-templates."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from esfm import aliases, history, indexing
+from esfm import aliases, history, index_templates, indexing, retention
 from esfm import lock as locks
 from esfm.artifacts import TrainedModel
 from esfm.cli.common import (
@@ -21,9 +21,10 @@ from esfm.cli.common import (
     print_json,
     project_option,
 )
+from esfm.drift import DriftDetected, DriftReport, check_drift
 from esfm.errors import EsfmError, MigrationError, ValidationFailed
 from esfm.mappings import get_version, latest_version
-from esfm.migrate import apply_migration, plan_migration
+from esfm.migrate import MigrationPlan, apply_migration, ensure_ready, plan_migration
 from esfm.project import discover_project, init_project
 from esfm.templates import (
     get_template,
@@ -87,8 +88,30 @@ def _bulk_progress() -> Progress:
     )
 
 
+def _drift_report(client, alias: str, mapping: str, project: str | None) -> DriftReport:
+    root = discover_project(project)
+    report = check_drift(client, alias, root.mappings_dir, mapping)
+    report.template_drift = index_templates.template_drift(
+        client, index_templates.load_definitions(root.root)
+    )
+    return report
+
+
+def _print_plan(plan: MigrationPlan) -> None:
+    console.print(
+        f"[bold]plan for alias {plan.alias}[/] ({plan.mode}; nothing was changed):"
+    )
+    for number, step in enumerate(plan.steps, start=1):
+        console.print(f"  {number}. {step}")
+
+
 @click.command("migrate")
-@model_option
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False),
+    help="Model directory written by esfm train (required unless --check).",
+)
 @click.option("--mapping", default="recsys", show_default=True, help="Mapping name.")
 @click.option("--mapping-version", type=int, help="Mapping version [default: latest].")
 @alias_option
@@ -100,11 +123,43 @@ def _bulk_progress() -> Progress:
     "--plan", "plan_only", is_flag=True, help="Print the plan; change nothing."
 )
 @click.option(
+    "--check",
+    is_flag=True,
+    help="Report pending mapping versions and drift; exit 1 if there are any. "
+    "Changes nothing.",
+)
+@click.option(
     "--lock-wait",
     type=float,
     default=0,
     show_default=True,
     help="Seconds to wait for another migration's lock.",
+)
+@click.option(
+    "--bulk-chunk-size",
+    type=click.IntRange(min=1),
+    default=indexing.DEFAULT_CHUNK_SIZE,
+    show_default=True,
+    envvar="ESFM_BULK_CHUNK_SIZE",
+    help="Documents per bulk request [env ESFM_BULK_CHUNK_SIZE].",
+)
+@click.option(
+    "--bulk-timeout",
+    metavar="DURATION",
+    help="How long each bulk item waits for an unavailable shard, e.g. 30s "
+    "[default: the server's, 1m].",
+)
+@click.option(
+    "--wait-for-active-shards",
+    default="1",
+    show_default=True,
+    help="Shard copies that must be active before the swap: a number or 'all'.",
+)
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    help="After the swap, delete all but the newest N esfm indices of the alias "
+    "(never the live one or the rollback target) [default: delete nothing].",
 )
 @project_option
 @connection_options
@@ -118,12 +173,23 @@ def migrate(
     replicas,
     shards,
     plan_only,
+    check,
     lock_wait,
+    bulk_chunk_size,
+    bulk_timeout,
+    wait_for_active_shards,
+    keep,
     project,
     client,
     as_json,
 ) -> None:
-    """Build a new versioned index from a model, validate it, then swap the alias."""
+    """Apply a model and the latest mapping: in place when only fields are added,
+    else build a new versioned index, check and validate it, then swap the alias."""
+    if check:
+        _run_check(client, alias, mapping, project, as_json)
+        return
+    if not model_dir:
+        raise EsfmError("missing option --model", hint="pass --model DIR, or --check")
     model = TrainedModel.load(model_dir)
     mappings_dir = discover_project(project).mappings_dir
     version = (
@@ -139,14 +205,16 @@ def migrate(
         model_path=str(model_dir),
         replicas=replicas,
         shards=shards,
+        bulk_chunk_size=bulk_chunk_size,
+        bulk_timeout=bulk_timeout,
+        wait_for_active_shards=wait_for_active_shards,
+        keep=keep,
     )
     if plan_only:
         if as_json:
             print_json(plan.to_dict())
-            return
-        console.print(f"[bold]plan for alias {alias}[/] (nothing was changed):")
-        for number, step in enumerate(plan.steps, start=1):
-            console.print(f"  {number}. {step}")
+        else:
+            _print_plan(plan)
         return
 
     if as_json:
@@ -170,7 +238,9 @@ def migrate(
                 "index": result.index,
                 "previous_index": result.previous_index,
                 "action": result.action,
+                "mode": plan.mode,
                 "indexed": result.indexed,
+                "pruned": result.pruned,
                 "validation": result.validation.to_dict()
                 if result.validation
                 else None,
@@ -181,11 +251,37 @@ def migrate(
         print_validation(result.validation)
     if result.action == "noop":
         console.print(f"alias [bold]{alias}[/] already points at {result.index}")
+    elif result.action == "in-place":
+        console.print(
+            f"added {', '.join(sorted(plan.added_fields)) or 'no fields'} to "
+            f"[green]{result.index}[/] in place; mapping now v{plan.mapping.version}"
+        )
     else:
         console.print(
             f"alias [bold]{alias}[/] -> [green]{result.index}[/] "
             f"(was {result.previous_index or 'none'}; {result.action}, "
             f"{result.indexed} documents indexed)"
+        )
+    for index in result.pruned:
+        console.print(f"deleted old index {index} (--keep {keep})")
+
+
+def _run_check(client, alias: str, mapping: str, project, as_json: bool) -> None:
+    report = _drift_report(client, alias, mapping, project)
+    if as_json:
+        print_json(report.to_dict())
+    elif report.ok:
+        console.print(
+            f"alias {alias}: {report.index} is at {mapping} v{report.live_version}, "
+            "no pending versions, no drift"
+        )
+    if not report.ok:
+        problems = report.problems()
+        raise DriftDetected(
+            f"alias {alias}: {len(problems)} problem(s): " + "; ".join(problems),
+            report=report,
+            hint=f"see esfm status --alias {alias}; apply pending versions with "
+            "esfm migrate --model DIR",
         )
 
 
@@ -245,10 +341,7 @@ def rollback(alias, target, model_dir, client, as_json) -> None:
     if current is None:
         raise MigrationError(f"alias {alias!r} does not exist; nothing to roll back")
     if target is None:
-        for entry in history.entries(client, alias):
-            if entry["index"] == current and entry.get("previous_index"):
-                target = entry["previous_index"]
-                break
+        target = retention.rollback_target(client, alias, current)
         if target is None:
             raise MigrationError(
                 f"esfm has no record of an index before {current} for alias {alias!r}",
@@ -258,6 +351,9 @@ def rollback(alias, target, model_dir, client, as_json) -> None:
         raise MigrationError(f"rollback target {target} no longer exists")
     if indexing.read_meta(client, target).get("state") != indexing.STATE_COMPLETE:
         raise MigrationError(f"rollback target {target} is not a complete esfm index")
+    target_meta = indexing.read_meta(client, target)
+    if "doc_count" in target_meta:
+        ensure_ready(client, target, expected_docs=int(target_meta["doc_count"]))
     if model_dir:
         require_valid(client, target, TrainedModel.load(model_dir))
     aliases.swap_alias(client, alias, target, expected=current)
@@ -277,18 +373,72 @@ def rollback(alias, target, model_dir, client, as_json) -> None:
         )
 
 
-@click.command("status")
+@click.command("prune")
 @alias_option
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=retention.DEFAULT_KEEP,
+    show_default=True,
+    help="Number of newest esfm indices of the alias to keep.",
+)
+@click.option("--yes", is_flag=True, help="Delete; without it, only list.")
+@click.option(
+    "--lock-wait",
+    type=float,
+    default=0,
+    show_default=True,
+    help="Seconds to wait for a running migration's lock.",
+)
 @connection_options
 @json_option
 @handle_errors
-def status(alias, client, as_json) -> None:
-    """Show the index behind the alias, its metadata and the alias history."""
+def prune(alias, keep, yes, lock_wait, client, as_json) -> None:
+    """List, and with --yes delete, old esfm indices of an alias.
+
+    The live index and the rollback target are always kept."""
+    plan = retention.plan_prune(client, alias, keep=keep)
+    deleted = retention.apply_prune(client, plan, lock_wait=lock_wait) if yes else []
+    if as_json:
+        print_json({**plan.to_dict(), "deleted": deleted})
+        return
+    console.print(
+        f"alias [bold]{alias}[/]: live {plan.live or '(none)'}, rollback target "
+        f"{plan.rollback_target or '(none)'}, keeping {len(plan.kept)}"
+    )
+    for index in plan.kept:
+        console.print(f"  keep    {index}")
+    for index in plan.delete:
+        console.print(f"  {'deleted' if yes else 'delete '} {index}")
+    if plan.delete and not yes:
+        console.print(f"nothing deleted; rerun with --yes to delete {len(plan.delete)}")
+    if not plan.delete:
+        console.print("nothing to delete")
+
+
+@click.command("status")
+@alias_option
+@click.option("--mapping", default="recsys", show_default=True, help="Mapping name.")
+@project_option
+@connection_options
+@json_option
+@handle_errors
+def status(alias, mapping, project, client, as_json) -> None:
+    """Show the index behind the alias, pending versions, drift and the history."""
     current = aliases.alias_target(client, alias)
     meta = indexing.read_meta(client, current) if current else {}
     entries = history.entries(client, alias, size=20)
+    report = _drift_report(client, alias, mapping, project)
     if as_json:
-        print_json({"alias": alias, "index": current, "meta": meta, "history": entries})
+        print_json(
+            {
+                "alias": alias,
+                "index": current,
+                "meta": meta,
+                "drift": report.to_dict(),
+                "history": entries,
+            }
+        )
         return
     console.print(f"alias [bold]{alias}[/] -> {current or '[red](missing)[/]'}")
     for key in (
@@ -302,6 +452,10 @@ def status(alias, client, as_json) -> None:
     ):
         if key in meta:
             console.print(f"  {key}: {meta[key]}")
+    if report.ok:
+        console.print("  drift: none (mapping files, live mapping and templates agree)")
+    for problem in report.problems():
+        console.print(f"  [yellow]drift:[/] {problem}", highlight=False)
     if entries:
         table = Table(title="history (newest first)")
         for column in ("at", "action", "index", "previous_index", "model_id"):
@@ -465,13 +619,67 @@ def templates_render(name, params, project) -> None:
     print_json(template.render(values))
 
 
+@click.group("index-templates")
+def index_templates_group() -> None:
+    """Manage the versioned index and component templates for recsys-*."""
+
+
+@index_templates_group.command("push")
+@project_option
+@connection_options
+@json_option
+@handle_errors
+def index_templates_push(project, client, as_json) -> None:
+    """Put every definition whose version or checksum the cluster lacks."""
+    definitions = index_templates.load_definitions(discover_project(project).root)
+    outcomes = index_templates.push_definitions(client, definitions)
+    if as_json:
+        print_json([outcome.__dict__ for outcome in outcomes])
+        return
+    for outcome in outcomes:
+        console.print(
+            f"{outcome.kind} template {outcome.name} v{outcome.version}: "
+            f"{outcome.status}"
+        )
+
+
+@index_templates_group.command("list")
+@project_option
+@connection_options
+@json_option
+@handle_errors
+def index_templates_list(project, client, as_json) -> None:
+    """List the definitions and whether the cluster matches them."""
+    definitions = index_templates.load_definitions(discover_project(project).root)
+    rows = []
+    for definition in definitions:
+        findings = index_templates.template_drift(client, [definition])
+        rows.append(
+            {
+                "kind": definition.kind,
+                "name": definition.name,
+                "version": definition.version,
+                "state": "; ".join(findings) if findings else "pushed",
+            }
+        )
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("kind", "name", "version", "state")
+    for row in rows:
+        table.add_row(row["kind"], row["name"], str(row["version"]), row["state"])
+    console.print(table)
+
+
 COMMANDS = [
     init,
     migrate,
     alias_swap,
     rollback,
+    prune,
     status,
     validate,
     lock_group,
     templates_group,
+    index_templates_group,
 ]

@@ -79,27 +79,42 @@ def _epoch_table(metrics: dict[str, Any]) -> Table:
 @click.option("--k", type=int, default=120, show_default=True, help="Embedding size.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Max epochs.")
 @click.option(
-    "--batch-size", type=int, default=None, help="Ratings per optimizer step."
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Ratings per optimizer step.  [default: 1024]",
 )
-@click.option("--lr", type=float, default=None, help="Initial Adam learning rate.")
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Initial Adam learning rate.  [default: 0.002]",
+)
 @click.option(
     "--weight-decay",
     type=float,
     default=None,
-    help="L2 strength on the feature rows of each batch (per occurrence).",
+    help="L2 strength on the feature rows of each batch, per occurrence and "
+    "averaged over the batch.  [default: 0.05]",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-@click.option("--threads", type=int, default=None, help="Torch CPU threads.")
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="Torch CPU threads; torch's default if unset.",
+)
 @click.option(
     "--patience",
     type=int,
     default=None,
-    help="Epochs without improvement on the early-stopping set before stopping.",
+    help="Epochs without improvement on the early-stopping set before "
+    "stopping.  [default: 2]",
 )
 @click.option(
     "--genres/--no-genres",
     default=None,
-    help="Add movie genres as movie-side features.",
+    help="Add movie genres as movie-side features.  [default: --no-genres]",
 )
 @click.option(
     "--cold-start-holdout",

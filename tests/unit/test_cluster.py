@@ -392,7 +392,6 @@ def test_reused_pid_not_running(tmp_path):
         ({"http_port": 80}, "port 80 is outside 1024-65535"),
         ({"http_port": 65500, "nodes": 1}, "port 65600 is outside 1024-65535"),
         ({"version": "latest"}, "invalid Elasticsearch version 'latest'"),
-        ({"security": True}, "security=True is not supported"),
     ],
 )
 def test_start_rejects_invalid_options(tmp_path, options, expected):

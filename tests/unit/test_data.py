@@ -21,6 +21,7 @@ from esfm.data import (
     detect_dataset,
     encode_ratings,
     extract_archive,
+    fetch_movielens,
     load_movielens,
     movie_feature_table,
     normalize_profile,
@@ -511,3 +512,45 @@ def test_resolve_dataset_names():
     assert resolve_dataset_name("ML-100K") == "ml-100k"
     with pytest.raises(DataError, match="unknown dataset 'ml-20m'"):
         resolve_dataset_name("ml-20m")
+
+
+def test_fetch_from_file_url(tmp_path):
+    # A file:// URL runs the download loop without any network access.
+    archive = make_zip(
+        tmp_path / "ml-100k.zip",
+        {
+            "ml-100k/u.data": U_DATA.encode(),
+            "ml-100k/u.user": U_USER.encode(),
+            "ml-100k/u.item": U_ITEM.encode("latin-1"),
+        },
+    )
+    progress = []
+    target = fetch_movielens(
+        "movielens-100k",
+        tmp_path / "dest",
+        lambda received, total: progress.append((received, total)),
+        url=archive.as_uri(),
+    )
+    assert target == tmp_path / "dest" / "ml-100k"
+    assert len(load_movielens(target).ratings) == 3
+    assert progress[-1][0] == archive.stat().st_size
+    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["ml-100k"]
+
+
+def test_fetch_rejects_html_page(tmp_path):
+    page = tmp_path / "error.html"
+    page.write_text("<html>503 Service Unavailable</html>")
+    with pytest.raises(DataError, match="is not a zip file"):
+        fetch_movielens("ml-1m", tmp_path / "dest", url=page.as_uri())
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_crlf_line_endings(tmp_path):
+    folder = write_ml1m(
+        tmp_path,
+        movies=MOVIES.replace("\n", "\r\n"),
+        ratings=RATINGS.replace("\n", "\r\n"),
+    )
+    dataset = load_movielens(folder)
+    assert dataset.movies.loc[1, "genres"] == ["Animation", "Children's", "Comedy"]
+    assert len(dataset.ratings) == 4

@@ -28,7 +28,7 @@ def test_ranking_metrics_by_hand():
     ratings = np.array([5.0, 1.0, 4.0, 2.0, 3.0, 4.0])
     scores = np.array([0.9, 0.8, 0.1, 0.5, 0.2, 0.1])
     metrics = ranking_metrics(users, movies, ratings, scores, cutoff=2)
-    # User 1: order 10 (rel), 11, 13, 12 (rel); top 2 holds one of 2 relevant.
+    # User 1: order 10 (rel), 11, 13, 12 (rel); top 2 contains one of 2 relevant.
     ndcg_user1 = 1.0 / (1.0 + 1.0 / math.log2(3))
     # User 2: order 10, 11 (rel); one relevant at rank 2.
     ndcg_user2 = (1.0 / math.log2(3)) / 1.0

@@ -61,7 +61,7 @@ def test_nan_rating_raises_training_error(synthetic_dataset, tmp_path):
     broken = type(synthetic_dataset)(
         "synthetic", ratings, synthetic_dataset.users, synthetic_dataset.movies
     )
-    with pytest.raises(TrainingError, match="loss is nan at epoch 1, batch 1"):
+    with pytest.raises(TrainingError, match="squared error is nan at epoch 1, batch 1"):
         train(broken, TrainConfig(**SMALL))
     assert list(tmp_path.iterdir()) == []
 

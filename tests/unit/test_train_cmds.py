@@ -1,0 +1,72 @@
+"""The train, evaluate and data commands through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from esfm.cli.main import cli
+from tests.unit.test_data import write_ml1m
+
+
+def test_data_info_json(tmp_path):
+    folder = write_ml1m(tmp_path / "ml-1m")
+    result = CliRunner().invoke(cli, ["data", "info", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["dataset"] == "ml-1m"
+    assert summary["ratings"] == 4
+
+
+def test_data_info_reports_bad_line(tmp_path):
+    folder = write_ml1m(tmp_path / "ml-1m", ratings="1::1::5::1\n1::2::x::2\n")
+    result = CliRunner().invoke(cli, ["data", "info", str(folder)])
+    assert result.exit_code == 1
+    assert "malformed line 2" in result.output
+
+
+def test_train_without_data_fails(monkeypatch, tmp_path):
+    monkeypatch.delenv("ESFM_DATA", raising=False)
+    result = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "no dataset given" in result.output
+
+
+def test_train_then_evaluate(ml100k_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ESFM_DATA", str(ml100k_dir))
+    out = tmp_path / "model"
+    options = ["--k", "4", "--epochs", "1", "--batch-size", "4096", "--lr", "0.01"]
+    runner = CliRunner()
+    trained = runner.invoke(
+        cli,
+        ["train", "--out", str(out), *options, "--cold-start-holdout", "0.1", "--json"],
+    )
+    assert trained.exit_code == 0, trained.output
+    metrics = json.loads(trained.output)
+    assert metrics["model_id"].startswith("ml-100k-")
+    assert (out / "model.safetensors").is_file()
+
+    evaluated = runner.invoke(cli, ["evaluate", "--model", str(out), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.output)
+    assert report["model_id"] == metrics["model_id"]
+    assert report["cold_start"]["held_out_users"] == 94
+
+    table = runner.invoke(cli, ["evaluate", "--model", str(out)])
+    assert table.exit_code == 0, table.output
+    assert "cold start: model" in table.output
+
+
+def test_train_help_matches_defaults():
+    from esfm.train import TrainConfig
+
+    result = CliRunner().invoke(cli, ["train", "--help"])
+    defaults = TrainConfig()
+    text = " ".join(result.output.split())
+    assert f"[default: {defaults.batch_size}]" in text
+    assert f"[default: {defaults.lr}]" in text
+    assert f"[default: {defaults.weight_decay}]" in text
+    assert f"[default: {defaults.patience}]" in text
+    assert f"[default: {defaults.k}]" in text
+    assert f"[default: {defaults.epochs}]" in text
