@@ -119,9 +119,14 @@ def bulk_load(
 ) -> BulkResult:
     """Index all documents and check every item's result.
 
+    Loading stops after the first chunk with a failed item, because the index
+    is rebuilt anyway and a lost shard would otherwise cost every later chunk
+    its full retry time.
+
     Raises:
         MigrationError: any item failed (a bulk answer of HTTP 200 with
-            ``errors: true`` counts as failure); ``.failures`` lists them.
+            ``errors: true`` counts as failure); ``.failures`` lists them and
+            ``.not_sent`` counts the documents never sent.
     """
     result = BulkResult()
     done = 0
@@ -147,19 +152,31 @@ def bulk_load(
                         reason=str(detail.get("error", detail.get("exception"))),
                     )
                 )
-            if on_progress and (done % chunk_size == 0 or done == total):
+            chunk_done = done % chunk_size == 0 or done == total
+            if on_progress and chunk_done:
                 on_progress(done, total)
-    if on_progress and done != total:
+            if result.errors and chunk_done:
+                break
+    if on_progress and done != total and not result.errors:
         on_progress(done, total)
 
     if result.errors:
         first = result.errors[0]
+        not_sent = max(0, total - done)
+        stopped = f"; stopped early, {not_sent} not sent" if not_sent else ""
         error = MigrationError(
-            f"{len(result.errors)} of {done} documents failed to index into {index}; "
-            f"first: {first.doc_id} ({first.status}) {first.reason[:300]}",
+            f"{len(result.errors)} of {done} documents failed to index into {index}"
+            f"{stopped}; first: {first.doc_id} ({first.status}) {first.reason[:300]}",
             hint="the alias was not moved; fix the cause and rerun esfm migrate",
         )
         error.failures = result.errors  # type: ignore[attr-defined]
+        error.not_sent = not_sent  # type: ignore[attr-defined]
+        logger.error(
+            "bulk load into %s failed: %d failed items, %d not sent",
+            index,
+            len(result.errors),
+            not_sent,
+        )
         raise error
     logger.info("indexed %d documents into %s", result.indexed, index)
     return result

@@ -70,6 +70,7 @@ class MigrationPlan:
     reasons: list[str] = dataclasses.field(default_factory=list)
     bulk_chunk_size: int = indexing.DEFAULT_CHUNK_SIZE
     bulk_timeout: str | None = None
+    bulk_max_retries: int = 5
     wait_for_active_shards: str = "1"
     keep: int | None = None
 
@@ -131,6 +132,7 @@ def plan_migration(
     shards: int | None = None,
     bulk_chunk_size: int = indexing.DEFAULT_CHUNK_SIZE,
     bulk_timeout: str | None = None,
+    bulk_max_retries: int = 5,
     wait_for_active_shards: str = "1",
     keep: int | None = None,
 ) -> MigrationPlan:
@@ -140,6 +142,8 @@ def plan_migration(
         bulk_chunk_size: documents per bulk request.
         bulk_timeout: bulk ``timeout`` parameter, such as ``"30s"``; the
             server default (1m) when None.
+        bulk_max_retries: retries of a chunk's 429 and 5xx items, with
+            backoff doubling from 1 s.
         wait_for_active_shards: shard copies that must be active before the
             swap: a number or ``"all"``.
         keep: after the swap, delete all but the newest ``keep`` esfm indices
@@ -148,6 +152,8 @@ def plan_migration(
     rendered = mapping.render(model.k)  # reject a dims mismatch before any call
     if bulk_chunk_size < 1:
         raise MigrationError(f"invalid bulk chunk size {bulk_chunk_size}: must be >= 1")
+    if bulk_max_retries < 0:
+        raise MigrationError(f"invalid bulk retries {bulk_max_retries}: must be >= 0")
     if keep is not None and keep < 1:
         raise MigrationError(f"invalid --keep {keep}: keep at least the live index")
     index = index_name(alias, mapping.version, model.model_id)
@@ -181,6 +187,7 @@ def plan_migration(
         reasons=change.reasons if change else [],
         bulk_chunk_size=bulk_chunk_size,
         bulk_timeout=bulk_timeout,
+        bulk_max_retries=bulk_max_retries,
         wait_for_active_shards=wait_for_active_shards,
         keep=keep,
     )
@@ -329,6 +336,7 @@ def build_index(
         total=plan.doc_count,
         on_progress=on_progress,
         chunk_size=plan.bulk_chunk_size,
+        max_retries=plan.bulk_max_retries,
         timeout=plan.bulk_timeout,
     )
     indexing.finish_index(client, plan.index, meta, refresh_interval)
@@ -352,7 +360,9 @@ def ensure_ready(
         MigrationError: a check failed; ``.index`` and ``.checks`` say which.
     """
     with cluster_errors(client, f"waiting for index {index} to be ready"):
-        health = client.cluster.health(
+        # The health API answers 408 when it times out; the body still
+        # has the counts, so read it instead of raising.
+        health = client.options(ignore_status=408).cluster.health(
             index=index,
             wait_for_status="yellow",
             wait_for_active_shards=wait_for_active_shards,

@@ -49,6 +49,8 @@ PARAM_LINE = re.compile(
 )
 PARAM_TYPES = ("int", "float", "str", "bool", "vector", "list[str]")
 MAX_LIST_LENGTH = 10_000
+# The default index.max_result_window, the most one search can return.
+MAX_REGISTRY_ENTRIES = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,13 +436,26 @@ def registry_entry(client: Elasticsearch, script_id: str) -> dict[str, Any] | No
 
 
 def registry_entries(client: Elasticsearch) -> list[dict[str, Any]]:
+    """Return every registry document, sorted by name, then version.
+
+    The registry index gets a dynamic mapping on first push, where ``name`` is a
+    text field that cannot be sorted on, so the sort happens here.
+    """
     with cluster_errors(client, f"listing {REGISTRY_INDEX}"):
         if not client.indices.exists(index=REGISTRY_INDEX):
             return []
-        response = client.search(
-            index=REGISTRY_INDEX, size=1000, sort=[{"name": "asc"}, {"version": "asc"}]
+        response = client.search(index=REGISTRY_INDEX, size=MAX_REGISTRY_ENTRIES)
+    hits = response["hits"]["hits"]
+    if len(hits) == MAX_REGISTRY_ENTRIES:
+        # NOTE: versions past the first MAX_REGISTRY_ENTRIES are left out.
+        logger.warning(
+            "%s has more than %d versions; only %d are read",
+            REGISTRY_INDEX,
+            MAX_REGISTRY_ENTRIES,
+            MAX_REGISTRY_ENTRIES,
         )
-    return [hit["_source"] for hit in response["hits"]["hits"]]
+    entries = [hit["_source"] for hit in hits]
+    return sorted(entries, key=lambda entry: (entry["name"], int(entry["version"])))
 
 
 def pushed_template(client: Elasticsearch, name: str, version: int) -> SearchTemplate:
@@ -545,6 +560,7 @@ def diff_templates(
         else:
             state = "differs"
         stored = None
+        # NOTE: unverified against a cluster with lang-mustache.
         if check_scripts:
             source = stored_script_source(client, template.script_id)
             stored = source == template.source
@@ -592,6 +608,8 @@ def render_on_cluster(
             hint="compare with a cluster that has lang-mustache installed",
         )
     resolved = template.resolve_params(params)
+    # NOTE: unverified against a cluster with lang-mustache. The agreement test
+    # in tests/integration/test_serving.py runs it where one is available.
     with cluster_errors(client, f"rendering {template.name} on the cluster"):
         response = client.render_search_template(
             source=template.source, params=resolved

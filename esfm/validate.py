@@ -155,7 +155,7 @@ def check_index(
 def validation_profiles(
     model: TrainedModel, *, occupations: int = 3, known_users: int = 10, seed: int = 0
 ) -> list[dict[str, str]]:
-    """Every age x gender pair with a few occupations, plus some known users."""
+    """List every age x gender pair, with a few occupations, and some known users."""
     rng = random.Random(seed)
     all_occupations = sorted(
         {

@@ -150,6 +150,13 @@ def _print_plan(plan: MigrationPlan) -> None:
     "[default: the server's, 1m].",
 )
 @click.option(
+    "--bulk-retries",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Retries of bulk items rejected with 429 or 5xx; backoff doubles from 1 s.",
+)
+@click.option(
     "--wait-for-active-shards",
     default="1",
     show_default=True,
@@ -177,6 +184,7 @@ def migrate(
     lock_wait,
     bulk_chunk_size,
     bulk_timeout,
+    bulk_retries,
     wait_for_active_shards,
     keep,
     project,
@@ -207,6 +215,7 @@ def migrate(
         shards=shards,
         bulk_chunk_size=bulk_chunk_size,
         bulk_timeout=bulk_timeout,
+        bulk_max_retries=bulk_retries,
         wait_for_active_shards=wait_for_active_shards,
         keep=keep,
     )

@@ -17,9 +17,23 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from esfm.cli import cluster_cmds, demo_cmds, index_cmds, query_cmds, train_cmds
+    from esfm.cli import (
+        cluster_cmds,
+        demo_cmds,
+        explore_cmds,
+        index_cmds,
+        query_cmds,
+        train_cmds,
+    )
 
-    for module in (cluster_cmds, train_cmds, index_cmds, query_cmds, demo_cmds):
+    for module in (
+        cluster_cmds,
+        train_cmds,
+        index_cmds,
+        query_cmds,
+        demo_cmds,
+        explore_cmds,
+    ):
         for command in module.COMMANDS:
             cli.add_command(command)
 

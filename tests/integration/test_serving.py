@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from esfm import aliases
 from esfm.artifacts import TrainedModel
 from esfm.data import load_movielens, normalize_profile
 from esfm.errors import QueryError, TemplateError
@@ -44,14 +46,16 @@ def model(tmp_path_factory) -> TrainedModel:
 
 
 @pytest.fixture(scope="module")
-def alias(es_client, model) -> str:
+def alias(es_client, model) -> Iterator[str]:
+    """Migrate the model behind a fresh alias, and delete its index at the end."""
     name = f"serve-it-{uuid.uuid4().hex[:8]}"
     plan = plan_migration(
         es_client, model, latest_version(MAPPINGS, "recsys"), alias=name
     )
     apply_migration(es_client, plan, model)
     push_templates(es_client, load_templates(TEMPLATES))
-    return name
+    yield name
+    es_client.indices.delete(index=aliases.resolve_index(es_client, name))
 
 
 @pytest.fixture
@@ -86,12 +90,22 @@ def assert_same_ranking(outcome, expected: list[tuple[str, float]]) -> None:
 
 
 def test_known_user_runs_its_template(recommender, model):
-    user = sorted(model.users, key=int)[7]
+    users = sorted(model.users, key=int)
+    user = users[7]
+    twin = next(
+        other
+        for other in users
+        if other != user and model.users[other] == model.users[user]
+    )
+    # Cold cache: the user document, then its metadata documents, then kNN.
     first = recommender.known_user(user, k=10)
-    second = recommender.known_user(user, k=10)
+    again = recommender.known_user(user, k=10)
+    # Same age, gender and occupation: only the user document is new.
+    same_metadata = recommender.known_user(twin, k=10)
     assert first.template == "esfm-known_user-v1"
-    assert first.round_trips == 2
-    assert second.round_trips == 1
+    assert first.round_trips == 3
+    assert again.round_trips == 1
+    assert same_metadata.round_trips == 2
     profile = {"user": user, **model.users[user]}
     cluster = [(item.movie_id, item.rank_value) for item in first.recommendations]
     assert compare_ranking(model, profile, cluster, 10) is None

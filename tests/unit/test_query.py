@@ -1,4 +1,4 @@
-"""Score transforms and request parameters of the query API; no cluster needed."""
+"""Score transforms and request parameters of the query API, with no cluster."""
 
 from __future__ import annotations
 
@@ -60,8 +60,8 @@ def test_score_transform_continuous_at_zero():
 
 
 def test_score_of_float32_precision():
-    # Elasticsearch returns float32 scores; the recovered rank value is off by
-    # at most one float32 ulp of the score.
+    # A score rounded to 7 significant digits, about float32 precision, still
+    # gives the rank value to 1e-6.
     dot = 0.123456789
     score32 = float(f"{score_from_rank_value(dot):.7g}")
     assert math.isclose(rank_value_from_score(score32), dot, abs_tol=1e-6)
