@@ -188,7 +188,8 @@ def _race(client, alias: str) -> str:
     for thread in threads:
         thread.join()
     winner = aliases.alias_target(client, alias)
-    # Put the served model back before the query loop sees the empty index.
+    # Point the alias back at the model index before the query loop runs
+    # against one of the empty race indices.
     aliases.swap_alias(client, alias, current, expected=winner)
     return f"{2 - len(errors)} won, {len(errors)} rejected ({', '.join(errors)})"
 

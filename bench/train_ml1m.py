@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 "best_epoch": metrics["best_epoch"],
                 "epochs_run": len(metrics["epochs"]),
                 "seconds_per_epoch": metrics["seconds_per_epoch"],
+                "cpu_seconds_per_epoch": metrics["cpu_seconds_per_epoch"],
                 "ratings_per_second": metrics["n_train"] / metrics["seconds_per_epoch"],
                 "total_seconds": total,
                 "config": dataclasses.asdict(config),
@@ -115,7 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=2))
 
     table = Table(title="esfm on MovieLens 1M (90/10 random split)")
-    for column in ("seed", "valid RMSE", "best epoch", "s/epoch", "ratings/s"):
+    for column in (
+        "seed",
+        "valid RMSE",
+        "best epoch",
+        "s/epoch",
+        "CPU s/epoch",
+        "ratings/s",
+    ):
         table.add_column(column, justify="right")
     for run in runs:
         table.add_row(
@@ -123,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['valid_rmse']:.4f}",
             str(run["best_epoch"]),
             f"{run['seconds_per_epoch']:.2f}",
+            f"{run['cpu_seconds_per_epoch']:.2f}",
             f"{run['ratings_per_second']:,.0f}",
         )
     table.add_row(
-        "mean", f"{report['valid_rmse_mean']:.4f}", "", "", "", end_section=True
+        "mean", f"{report['valid_rmse_mean']:.4f}", "", "", "", "", end_section=True
     )
     console.print(table)
     console.print(f"peak RSS {report['peak_rss_mib']:.0f} MiB; wrote {path}")

@@ -95,11 +95,12 @@ def _diff_field(expected: dict[str, Any], live: dict[str, Any], path: str) -> li
 
 @dataclasses.dataclass(frozen=True)
 class MappingChange:
-    """How a new mapping relates to the live one.
+    """Relation of a new mapping to the live one.
 
     ``kind`` is ``none``, ``additive`` (new fields only, so put_mapping can
-    apply it in place) or ``breaking`` (needs a new index); ``added`` lists the
-    new top-level fields and ``reasons`` the paths that force a new index.
+    apply it in place) or ``breaking`` (needs a new index). ``added`` maps the
+    new top-level fields to their mappings, and ``reasons`` lists the paths
+    that force a new index.
     """
 
     kind: str
@@ -112,11 +113,11 @@ def classify_change(
 ) -> MappingChange:
     """Decide whether ``new_mappings`` can be applied to ``live_mappings`` in place.
 
-    Only new top-level fields count as additive. A changed type, ``dims``,
-    ``similarity``, ``index_options`` or any other parameter of an existing
-    field, a removed field, a new sub-field and a change of a top-level key
-    such as ``dynamic`` all count as breaking, because put_mapping rejects
-    most of them and a silent partial update would be worse.
+    Only new top-level fields count as additive. Breaking are: a changed
+    type, ``dims``, ``similarity``, ``index_options`` or other parameter of an
+    existing field, a removed field, a new sub-field, and a changed top-level
+    key such as ``dynamic``. put_mapping rejects most of these, and esfm does
+    not try the few it would accept, so one rule covers them all.
     """
     live_props = live_mappings.get("properties", {})
     new_props = new_mappings.get("properties", {})

@@ -1,6 +1,6 @@
 """Versioned index and component templates for the indices esfm creates.
 
-A component template holds the index settings (shards, replicas, refresh
+A component template contains the index settings (shards, replicas, refresh
 interval) and a composable index template applies it to the ``recsys-*``
 pattern, so an index created under that pattern without explicit settings
 still gets them. Explicit settings in the create request win over templates
@@ -72,7 +72,7 @@ class TemplateDefinition:
 
 @dataclasses.dataclass(frozen=True)
 class PushOutcome:
-    """What pushing one definition did: ``created``, ``updated`` or ``unchanged``."""
+    """Result of pushing one definition: ``created``, ``updated`` or ``unchanged``."""
 
     kind: str
     name: str

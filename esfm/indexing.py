@@ -79,7 +79,7 @@ def stream_bulk(
 
     Failed items with a status in ``RETRY_ON_STATUS`` are sent again after
     ``initial_backoff * 2**attempt`` seconds, up to ``max_retries`` times. A
-    whole chunk answered with such a status is retried the same way, because
+    whole chunk rejected with such a status is retried the same way, because
     ``streaming_bulk`` with ``raise_on_exception=False`` turns it into one
     failed item per document. Connection errors are retried by the transport
     (``retry_on_timeout`` and ``max_retries`` of the client). Documents carry

@@ -74,6 +74,12 @@ def holder_is_gone(held: dict[str, Any]) -> bool:
     return False
 
 
+def is_stale(held: dict[str, Any], now: dt.datetime | None = None) -> bool:
+    """Return whether the lock expired or its owner process on this host exited."""
+    expires = dt.datetime.fromisoformat(held["expires_at"])
+    return expires < (now or _now()) or holder_is_gone(held)
+
+
 def acquire(
     client: Elasticsearch, name: str, *, ttl_seconds: int = 3600, wait: float = 0
 ) -> dict[str, Any]:
@@ -110,11 +116,7 @@ def acquire(
                 return document
             except elasticsearch.ConflictError:
                 held = read_lock(client, name)
-            stale = held is not None and (
-                dt.datetime.fromisoformat(held["expires_at"]) < now
-                or holder_is_gone(held)
-            )
-            if stale:
+            if held is not None and is_stale(held, now):
                 try:
                     client.index(
                         index=LOCK_INDEX,

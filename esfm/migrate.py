@@ -357,11 +357,12 @@ def ensure_ready(
     copies, then requires every primary active and ``expected_docs`` documents.
 
     Raises:
-        MigrationError: a check failed; ``.index`` and ``.checks`` say which.
+        MigrationError: a check failed; ``.index`` names the index and
+            ``.checks`` lists the failed checks.
     """
     with cluster_errors(client, f"waiting for index {index} to be ready"):
-        # The health API answers 408 when it times out; the body still
-        # has the counts, so read it instead of raising.
+        # The health API returns status 408 when it times out. The body
+        # still contains the counts, so read it instead of raising.
         health = client.options(ignore_status=408).cluster.health(
             index=index,
             wait_for_status="yellow",

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from esfm import __version__
 from esfm.data import (
@@ -300,50 +301,65 @@ class FusedTrainer:
 
     def gradients(
         self, index: torch.Tensor, value: torch.Tensor, target: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Compute the gradients of one batch.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the gradient of one batch, summed per touched table row.
 
         The loss is ``(sum_b (y_b - t_b)^2 + weight_decay * penalty) / B``
         with the penalty of ``FactorizationMachine.forward_with_penalty``.
+        The per-slot gradient ``d_b x_i (S_b - x_i v_i) + decay v_i`` (with
+        ``S_b = sum_i x_i v_i``) is summed per row r as
+        ``sum d_b x_i S_b - (sum d_b x_i^2) v_r + decay * count_r * v_r``,
+        so no ``[B, F, k]`` tensor is built.
 
         Returns:
-            ``(grad [B, F, k + 1], bias_grad [1, 1], squared_error)``, where
-            ``grad`` is the gradient of each slot's table row and
-            ``squared_error`` the summed squared error of the batch.
+            ``(rows [U], grad [U, k + 1], bias_grad [1, 1], squared_error)``:
+            the distinct table rows of the batch, their gradients, the
+            gradient of the global bias and the summed squared error.
         """
-        batch = len(target)
-        rows = self.table[index]
-        vectors = rows[..., : self.k]
-        weights = rows[..., self.k]
+        batch, fields = index.shape
+        rows, inverse = torch.unique(index.reshape(-1), return_inverse=True)
+        inverse = inverse.view(batch, fields)
+        table = self.table.index_select(0, rows)
+        vectors = table[:, : self.k]
+        norms = torch.einsum("uk,uk->u", vectors, vectors)
+        weights = table[:, self.k]
         if self.one_hot:
             # Every x_i is 1, so the products with x are skipped.
-            scaled = vectors
-            linear = weights.sum(dim=1)
+            summed = F.embedding_bag(inverse, vectors, mode="sum")
+            linear = weights[inverse].sum(dim=1)
+            squares = norms[inverse].sum(dim=1)
         else:
-            scaled = vectors * value.unsqueeze(-1)
-            linear = (weights * value).sum(dim=1)
-        summed = scaled.sum(dim=1)
-        pairwise = 0.5 * (
-            torch.einsum("bk,bk->b", summed, summed)
-            - torch.einsum("bfk,bfk->b", scaled, scaled)
-        )
+            summed = F.embedding_bag(
+                inverse, vectors, mode="sum", per_sample_weights=value
+            )
+            linear = (weights[inverse] * value).sum(dim=1)
+            squares = (norms[inverse] * value * value).sum(dim=1)
+        pairwise = 0.5 * (torch.einsum("bk,bk->b", summed, summed) - squares)
         probability = torch.sigmoid(self.bias.view(1) + linear + pairwise)
         error = probability * self.scale - target
         squared_error = torch.dot(error, error)
 
         # d loss / d logit of the squared error through sigmoid(.) * scale.
         d_logit = (2.0 / batch) * error * self.scale * probability * (1 - probability)
-        # d logit / d v_if = x_i * (sum_j x_j v_jf - x_i v_if); d logit / d w_i = x_i.
-        slot = d_logit.unsqueeze(-1).expand(-1, index.shape[1])
+        slot = d_logit.unsqueeze(1).expand(batch, fields)
         if not self.one_hot:
             slot = slot * value
+        flat = inverse.reshape(-1)
+        grad = torch.zeros_like(table)
+        grad_vectors = grad[:, : self.k]
+        for field in range(fields):
+            grad_vectors.index_add_(
+                0, inverse[:, field], summed * slot[:, field].unsqueeze(1)
+            )
+        active = value.reshape(-1) != 0
+        counts = torch.zeros(len(rows)).index_add_(0, flat, active.to(table.dtype))
+        slot_squares = slot * value if not self.one_hot else slot
+        own = torch.zeros(len(rows)).index_add_(0, flat, slot_squares.reshape(-1))
         decay = 2.0 * self.weight_decay / batch
-        grad = torch.empty_like(rows)
-        torch.sub(summed.unsqueeze(1), scaled, out=grad[..., : self.k])
-        grad[..., : self.k].mul_(slot.unsqueeze(-1))
-        grad[..., self.k] = slot
-        grad.add_(rows, alpha=decay)
-        return grad, d_logit.sum().view(1, 1), squared_error
+        grad_vectors.addcmul_(vectors, (decay * counts - own).unsqueeze(1))
+        grad[:, self.k] = torch.zeros(len(rows)).index_add_(0, flat, slot.reshape(-1))
+        grad[:, self.k].add_(weights * counts, alpha=decay)
+        return rows, grad, d_logit.sum().view(1, 1), squared_error
 
     def step(
         self, index: torch.Tensor, value: torch.Tensor, target: torch.Tensor
@@ -352,14 +368,11 @@ class FusedTrainer:
 
         A non-finite error skips the update, so the caller can stop cleanly.
         """
-        grad, bias_grad, squared_error = self.gradients(index, value, target)
+        rows, grad, bias_grad, squared_error = self.gradients(index, value, target)
         error_value = float(squared_error)
         if not math.isfinite(error_value):
             return error_value
-        rows, inverse = torch.unique(index.reshape(-1), return_inverse=True)
-        summed = torch.zeros(len(rows), self.k + 1, dtype=grad.dtype)
-        summed.index_add_(0, inverse, grad.reshape(-1, self.k + 1))
-        self.rows_optimizer.step(rows, summed)
+        self.rows_optimizer.step(rows, grad)
         self.bias_optimizer.step(self._bias_row, bias_grad)
         self.table[self.padding_row].zero_()
         return error_value
@@ -492,10 +505,12 @@ def train(
 
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
+        cpu_started = time.process_time()
         train_rmse = _train_epoch(
             trainer, train_data, config, generator, epoch, on_batch
         )
         train_seconds = time.perf_counter() - started
+        cpu_seconds = time.process_time() - cpu_started
         trainer.copy_to(model)
         model.eval()
         stop_rmse = rmse(model, stop_data.index, stop_data.value, stop_data.rating)
@@ -516,6 +531,7 @@ def train(
             "valid_rmse": valid_rmse,
             "lr": lr,
             "seconds": train_seconds,
+            "cpu_seconds": cpu_seconds,
         }
         history.append(record)
         logger.info(
@@ -551,6 +567,7 @@ def train(
         "n_early_stopping": len(stop_data),
         "n_valid": len(valid_data),
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in history])),
+        "cpu_seconds_per_epoch": float(np.mean([r["cpu_seconds"] for r in history])),
     }
     return TrainResult(model, vocabulary, training_data, config, metrics, held_out)
 

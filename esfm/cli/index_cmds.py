@@ -27,6 +27,7 @@ from esfm.mappings import get_version, latest_version
 from esfm.migrate import MigrationPlan, apply_migration, ensure_ready, plan_migration
 from esfm.project import discover_project, init_project
 from esfm.templates import (
+    diff_templates,
     get_template,
     load_templates,
     push_templates,
@@ -345,7 +346,10 @@ def alias_swap(alias, index, model_dir, client, as_json) -> None:
 @json_option
 @handle_errors
 def rollback(alias, target, model_dir, client, as_json) -> None:
-    """Point the alias back at the index it served before the last move."""
+    """Point the alias back at the index it served before the last move.
+
+    The target must be a complete esfm index that passes the readiness checks
+    (health, active primaries, document count); --model also validates it."""
     current = aliases.alias_target(client, alias)
     if current is None:
         raise MigrationError(f"alias {alias!r} does not exist; nothing to roll back")
@@ -356,6 +360,7 @@ def rollback(alias, target, model_dir, client, as_json) -> None:
                 f"esfm has no record of an index before {current} for alias {alias!r}",
                 hint="name one with --to INDEX",
             )
+
     if not client.indices.exists(index=target):
         raise MigrationError(f"rollback target {target} no longer exists")
     if indexing.read_meta(client, target).get("state") != indexing.STATE_COMPLETE:
@@ -365,6 +370,7 @@ def rollback(alias, target, model_dir, client, as_json) -> None:
         ensure_ready(client, target, expected_docs=int(target_meta["doc_count"]))
     if model_dir:
         require_valid(client, target, TrainedModel.load(model_dir))
+
     aliases.swap_alias(client, alias, target, expected=current)
     history.record(
         client,
@@ -521,7 +527,15 @@ def lock_group() -> None:
 def lock_show(alias, client) -> None:
     """Show who holds the migration lock of an alias."""
     held = locks.read_lock(client, f"migrate:{alias}")
-    console.print(json.dumps(held, indent=2) if held else f"no lock on {alias}")
+    if held is None:
+        console.print(f"no lock on {alias}")
+        return
+    console.print(json.dumps(held, indent=2))
+    if locks.is_stale(held):
+        console.print(
+            "the lock is stale (expired, or its process on this host exited); "
+            "the next esfm migrate takes it over"
+        )
 
 
 @lock_group.command("release")
@@ -602,6 +616,27 @@ def templates_list(project, client, as_json) -> None:
     table = Table("name", "version", "state")
     for row in rows:
         table.add_row(row["name"], str(row["version"]), row["state"])
+    console.print(table)
+
+
+@templates_group.command("diff")
+@project_option
+@connection_options
+@json_option
+@handle_errors
+def templates_diff(project, client, as_json) -> None:
+    """Compare the template files with the versions pushed to the cluster."""
+    templates = load_templates(discover_project(project).templates_dir)
+    diffs = diff_templates(client, templates)
+    if as_json:
+        print_json([diff.to_dict() for diff in diffs])
+        return
+    table = Table("name", "version", "state", "stored script")
+    for diff in diffs:
+        stored = ""
+        if diff.stored_script is not None:
+            stored = "same" if diff.stored_script else "DIFFERS"
+        table.add_row(diff.name, str(diff.version), diff.state, stored)
     console.print(table)
 
 

@@ -1,5 +1,5 @@
 """Faults during a migration lose nothing: a killed CLI process, a data node
-stopped during the bulk load, and shards that answer 503 for a while."""
+stopped during the bulk load, and shards that return 503 for a while."""
 
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def test_node_stop_during_bulk_keeps_alias(
         bulk_timeout="2s",
         bulk_max_retries=2,
     )
-    # One shard per node, so the stopped node holds a primary of the new index.
+    # One shard per node, so the stopped node has a primary of the new index.
     plan.settings["index.routing.allocation.total_shards_per_node"] = 1
     stopped = threading.Event()
 
@@ -232,7 +232,7 @@ def test_node_stop_during_bulk_keeps_alias(
 
 
 def _create_unassigned(client, index: str, mappings: dict) -> None:
-    """Create ``index`` with its primary unassigned, so bulk items answer 503."""
+    """Create ``index`` with its primary unassigned, so bulk items fail with 503."""
     client.indices.create(
         index=index,
         mappings=mappings,
