@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,10 @@ class MovieSide:
     vectors: np.ndarray
 
 
+# Model ids written by esfm train end in 12 hex digits of the weights' digest.
+MODEL_ID_SUFFIX = re.compile(r"-([0-9a-f]{12})$")
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -58,6 +64,29 @@ def _read_json(path: Path) -> Any:
             f"invalid JSON in {str(path)!r}: {exc}",
             hint="the file is truncated or edited; train the model again",
         ) from exc
+
+
+def weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """Return the SHA-256 hex digest that model ids end with (first 12 digits)."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(weights[name]).tobytes())
+    return digest.hexdigest()
+
+
+def _check_model_id(path: Path, config: dict[str, Any], weights: dict) -> None:
+    model_id = str(config.get("model_id", ""))
+    match = MODEL_ID_SUFFIX.search(model_id)
+    if match is None:
+        return
+    if weights_digest(weights)[:12] != match.group(1):
+        raise ModelError(
+            f"the weights in {str(path)!r} do not match model id {model_id!r}: the "
+            "model directory was changed after training",
+            hint="train the model again; esfm keys indices on the model id, so "
+            "edited weights would be mistaken for the index already built",
+        )
 
 
 def _load_weights(path: Path) -> dict[str, np.ndarray]:
@@ -161,11 +190,19 @@ class TrainedModel:
         config = _read_json(directory / "config.json")
         metrics = _read_json(directory / "metrics.json")
         vocabulary = _read_json(directory / "vocabulary.json")
+        for name, document in (("config.json", config), ("metrics.json", metrics)):
+            if not isinstance(document, dict):
+                raise ModelError(
+                    f"{str(directory / name)!r} must hold a JSON object, not "
+                    f"{type(document).__name__}",
+                    hint="the file was edited or corrupted; train the model again",
+                )
         features = _parse_features(directory / "vocabulary.json", vocabulary)
         weights = _load_weights(directory / "model.safetensors")
         global_bias, linear, embedding = _validate_weights(
             directory / "model.safetensors", weights, len(features), config
         )
+        _check_model_id(directory / "model.safetensors", config, weights)
         movies = vocabulary.get("movies") or {}
         users = vocabulary.get("users") or {}
         unknown = [

@@ -12,7 +12,7 @@ Layout, with ``ESFM_HOME`` defaulting to ``~/.cache/esfm`` (``/var/lib/esfm``
 for root, because other accounts cannot enter ``/root``)::
 
     <ESFM_HOME>/dist/elasticsearch-<version>/   unpacked distribution (cache)
-    <ESFM_HOME>/clusters/<name>.lock            lock held while changing <name>
+    <ESFM_HOME>/clusters/<name>.lock            present while a command changes <name>
     <ESFM_HOME>/clusters/<name>/state.json      pids, ports and paths
     <ESFM_HOME>/clusters/<name>/elastic-password  secured clusters only (mode 600)
     <ESFM_HOME>/clusters/<name>/certs/          CA and node certificate (secured)
@@ -149,12 +149,40 @@ def _cluster_lock(name: str, home: Path | None) -> Iterator[None]:
     # the directory while holding the lock.
     lock_path = cluster_dir(name, home).with_suffix(".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
+    lock_file = _acquire_lock_file(lock_path)
+    try:
+        yield
+    finally:
+        # Deleting the file while holding the lock is safe, because a process
+        # that waits on the deleted file sees that and locks a new one.
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+        lock_file.close()
+
+
+def _acquire_lock_file(lock_path: Path):
+    """Open ``lock_path`` and take an exclusive flock on it; return the open file.
+
+    Another process may delete the file between this open and the flock, so
+    the lock counts only when the path still names the locked inode.
+    Otherwise this opens the path again.
+    """
+    while True:
+        lock_file = open(lock_path, "a")
         try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            locked = os.fstat(lock_file.fileno())
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            lock_file.close()
+            continue
+        except BaseException:
+            lock_file.close()
+            raise
+        if (locked.st_dev, locked.st_ino) == (current.st_dev, current.st_ino):
+            return lock_file
+        lock_file.close()
 
 
 # --------------------------------------------------------------------------
@@ -1073,16 +1101,29 @@ def _run_es_tool(
     *,
     conf_dir: Path | None = None,
     stdin: str | None = None,
+    account: _Account | None = None,
 ) -> None:
-    """Run ``bin/<tool>`` of the distribution; stdin is never logged or shown."""
+    """Run ``bin/<tool>`` of the distribution; stdin is never logged or shown.
+
+    With ``account``, the tool runs as that account, because tools such as
+    elasticsearch-keystore refuse to rewrite a file that another user owns.
+    """
     environment = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "ES_JAVA_HOME": java_home,
         "ES_PATH_CONF": str(conf_dir or es_home / "config"),
     }
+    options: dict[str, Any] = {}
+    if account is not None:
+        # The account cannot enter root's home or working directory.
+        work_dir = (conf_dir or es_home).parent
+        environment["HOME"] = str(work_dir)
+        options = {"user": account.uid, "group": account.gid, "extra_groups": []}
+        options["cwd"] = work_dir
     command = [str(es_home / "bin" / tool), *arguments]
-    logger.debug("running %s", " ".join(command))
+    user = account.name if account is not None else "the calling user"
+    logger.debug("running %s as %s", " ".join(command), user)
     result = subprocess.run(
         command,
         env=environment,
@@ -1090,13 +1131,16 @@ def _run_es_tool(
         capture_output=True,
         text=True,
         check=False,
+        **options,
     )
     if result.returncode != 0:
         output = (result.stdout + result.stderr).strip()[-2000:]
         raise LocalClusterError(
             f"{tool} {' '.join(arguments[:1])} failed with exit status "
-            f"{result.returncode}: {output}",
-            hint=f"check that {es_home / 'bin' / tool} runs with Java from {java_home}",
+            f"{result.returncode} (run as {user}, ES_PATH_CONF="
+            f"{environment['ES_PATH_CONF']}): {output}",
+            hint=f"the output of {tool} above gives the reason; "
+            f"{es_home / 'bin' / tool} ran with Java from {java_home}",
         )
 
 
@@ -1168,8 +1212,18 @@ def _ensure_password(base: Path, clean: bool) -> Path:
 
 
 def _install_node_security(
-    es_home: Path, java_home: str, node_dir: Path, certs_dir: Path, password: str
+    es_home: Path,
+    java_home: str,
+    node_dir: Path,
+    certs_dir: Path,
+    password: str,
+    account: _Account | None,
 ) -> None:
+    """Copy the certificates into a node's config and set its bootstrap password.
+
+    A restart rewrites both, so a stopped cluster starts again with the files
+    and the password of its first run.
+    """
     node_certs = node_dir / "config" / NODE_CERT_DIR
     node_certs.mkdir(exist_ok=True)
     for file_name in ("ca.crt", "node.crt", "node.key"):
@@ -1182,6 +1236,7 @@ def _install_node_security(
         ["add", "--force", "--stdin", "bootstrap.password"],
         conf_dir=node_dir / "config",
         stdin=password,
+        account=account,
     )
 
 
@@ -1393,6 +1448,10 @@ def _wait_until_healthy(
             if _node_gone(node):
                 raise _StartFailed(node, "exited during startup")
         joined = 0
+        # The progress message names the phase only. The raw error, such as
+        # "Connection refused" before the node listens, repeats on every
+        # poll, so it goes to the debug log and into the timeout error.
+        message = f"waiting for {expected_nodes} node(s) to answer"
         try:
             health = cluster_health(
                 nodes[0].url,
@@ -1403,6 +1462,7 @@ def _wait_until_healthy(
             )
         except (OSError, ValueError) as exc:
             last_error = str(exc)
+            logger.debug("%s has not answered yet: %s", nodes[0].url, exc)
         else:
             joined = health.get("number_of_nodes", 0)
             ready = not health.get("timed_out") and health["status"] != "red"
@@ -1416,10 +1476,11 @@ def _wait_until_healthy(
                 )
                 return health
             last_error = f"health {health.get('status')}, {joined} node(s) joined"
+            message = f"waiting for {expected_nodes} node(s): {last_error}"
         _notify(
             on_progress,
             "wait",
-            f"waiting for {expected_nodes} node(s): {last_error}",
+            message,
             completed=joined,
             total=expected_nodes,
         )
@@ -1599,6 +1660,7 @@ def start(
                     node_dir,
                     base / NODE_CERT_DIR,
                     read_password_file(Path(state.password_file or "")),
+                    account,
                 )
                 _chown_tree(node_dir, account)
 
@@ -1749,13 +1811,18 @@ def stop(
 ) -> StopResult:
     """Stop every node with SIGTERM, then SIGKILL after ``timeout`` s.
 
-    Removes the state file. Data directories stay; see :func:`wipe`.
+    Removes the state file. Data directories stay; see :func:`wipe`. Stopping
+    a cluster that has no state file does nothing and returns a result with
+    no stopped nodes, so a second stop succeeds.
 
     Raises:
-        LocalClusterError: there is no state file for ``name``.
+        LocalClusterError: ``name`` is not a valid cluster name.
     """
     with _cluster_lock(name, home):
-        state = _require_state(name, home)
+        state = read_state(name, home=home)
+        if state is None:
+            logger.info("local cluster %s is not running; nothing to stop", name)
+            return StopResult(name, [], [])
         running = [node.name for node in state.nodes if node.is_running(state.es_home)]
         _notify(on_progress, "stop", f"stopping {len(running)} node(s) of {name}")
         killed = _stop_node_processes(state.nodes, state.es_home, timeout)

@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -271,12 +272,37 @@ def resolve_settings(
         )
     if values.get("ssl_fingerprint"):
         values["ssl_fingerprint"] = _normalize_fingerprint(values["ssl_fingerprint"])
+    _reject_url_credentials(str(values["url"]))
     if not str(values["url"]).startswith(("http://", "https://")):
         raise ConfigError(
             f"invalid cluster URL {values['url']!r}",
             hint="use http://HOST:PORT or https://HOST:PORT",
         )
     return ConnectionSettings(**values)
+
+
+def _reject_url_credentials(url: str) -> None:
+    """Raise when the URL carries a password, without repeating the password.
+
+    Credentials in a URL end up in shell history, process listings and logs.
+    """
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        password = parsed.password
+    except ValueError:
+        return
+    if parsed.username is None and password is None:
+        return
+    register_secret(password)
+    shown = parsed._replace(netloc=parsed.hostname or "").geturl()
+    if parsed.port:
+        shown = parsed._replace(netloc=f"{parsed.hostname}:{parsed.port}").geturl()
+    raise ConfigError(
+        f"the cluster URL {shown!r} contains credentials; esfm does not take "
+        "secrets on the command line or in URLs",
+        hint="set ESFM_USERNAME and ESFM_PASSWORD (or ESFM_API_KEY) and pass the "
+        "URL without user:password@",
+    )
 
 
 def _normalize_fingerprint(value: str) -> str:

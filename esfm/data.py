@@ -156,6 +156,26 @@ ML100K_GENRES = (
     "Western",
 )
 
+# The 18 genres that MovieLens 100K and 1M share.
+GENRES = ML100K_GENRES[1:]
+
+
+def normalize_genre(genre: str) -> str:
+    """Return the MovieLens spelling of ``genre``, matched case-insensitively.
+
+    Raises:
+        QueryError: not a MovieLens genre; the message lists the valid ones.
+    """
+    by_lower = {name.lower(): name for name in GENRES}
+    key = str(genre).strip().lower()
+    if key not in by_lower:
+        raise QueryError(
+            f"unknown genre {genre!r}",
+            hint=f"use one of: {', '.join(GENRES)}",
+        )
+    return by_lower[key]
+
+
 # Alternate spellings that the ML-1M README uses for some occupation codes.
 _OCCUPATION_ALIASES: dict[str, str] = {
     '"other" or not specified': "0",

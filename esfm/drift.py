@@ -183,9 +183,12 @@ class DriftReport:
             lines.append(f"alias {self.alias} does not exist")
         if self.pending:
             versions = ", ".join(f"v{n}" for n in self.pending)
-            lines.append(
-                f"pending mapping version(s) {versions} (live is v{self.live_version})"
+            live = (
+                f"live is v{self.live_version}"
+                if self.live_version is not None
+                else "no live esfm index"
             )
+            lines.append(f"pending mapping version(s) {versions} ({live})")
         for item in self.edited:
             lines.append(
                 f"mapping file {item.path} (v{item.version}) was edited after it was "

@@ -6,10 +6,9 @@ import datetime as dt
 import logging
 from typing import Any
 
-import elasticsearch
 from elasticsearch import Elasticsearch
 
-from esfm.server import cluster_errors
+from esfm.server import cluster_errors, ensure_system_index
 
 logger = logging.getLogger(__name__)
 
@@ -31,18 +30,7 @@ HISTORY_MAPPINGS = {
 
 
 def ensure_history_index(client: Elasticsearch) -> None:
-    with cluster_errors(client, f"creating {HISTORY_INDEX}"):
-        if client.indices.exists(index=HISTORY_INDEX):
-            return
-        try:
-            client.indices.create(
-                index=HISTORY_INDEX,
-                mappings=HISTORY_MAPPINGS,
-                settings={"number_of_shards": 1, "auto_expand_replicas": "0-1"},
-            )
-        except elasticsearch.BadRequestError as exc:
-            if exc.error != "resource_already_exists_exception":
-                raise
+    ensure_system_index(client, HISTORY_INDEX, HISTORY_MAPPINGS)
 
 
 def record(

@@ -17,7 +17,7 @@ import elasticsearch
 from elasticsearch import Elasticsearch
 
 from esfm.errors import LockError
-from esfm.server import cluster_errors
+from esfm.server import cluster_errors, ensure_system_index
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def acquire(
     """
     deadline = time.monotonic() + wait
     owner = _owner()
+    ensure_system_index(client, LOCK_INDEX)
     while True:
         now = _now()
         document = {

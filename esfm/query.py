@@ -19,7 +19,7 @@ import numpy as np
 from elasticsearch import Elasticsearch
 
 from esfm import aliases
-from esfm.data import normalize_profile
+from esfm.data import normalize_genre, normalize_profile
 from esfm.documents import MOVIE, USER_SIDE_TYPES, document_id
 from esfm.errors import QueryError
 from esfm.project import discover_project
@@ -106,6 +106,7 @@ class QueryOutcome:
 
     ``path`` is ``"stored"``, ``"local"`` or ``"script_score"``. ``template`` is
     the stored script id of the search template, or None for ``script_score``.
+    ``query_movie`` is the (movie id, title) that ``similar`` matched its title to.
     """
 
     recommendations: list[Recommendation]
@@ -113,6 +114,7 @@ class QueryOutcome:
     path: str
     round_trips: int
     template: str | None = None
+    query_movie: tuple[str, str | None] | None = None
 
 
 class Recommender:
@@ -209,7 +211,7 @@ class Recommender:
         """Return ``v_U``, the sum of the profile's embeddings, and round trips."""
         if not profile:
             raise QueryError(
-                "empty profile: give at least one of gender, age, occupation, user"
+                "empty profile: give at least one of gender, age and occupation"
             )
         ids = [
             document_id(feature_type, profile[feature_type])
@@ -383,7 +385,7 @@ class Recommender:
             "num_candidates": num_candidates,
             "exclude_movies": [str(movie) for movie in exclude or []],
             "filter_genres": bool(genres),
-            "genres": list(genres or []),
+            "genres": [normalize_genre(genre) for genre in genres or []],
         }
 
     def cold_start_outcome(
@@ -498,4 +500,6 @@ class Recommender:
         movie = self.find_movie(title)
         movie_id = str(movie["value"])
         params = self._params(k, [movie_id, *(exclude or [])], genres, num_candidates)
-        return self._run("similar_items", {"movie": movie_id}, params, round_trips=1)
+        outcome = self._run("similar_items", {"movie": movie_id}, params, round_trips=1)
+        outcome.query_movie = (movie_id, movie.get("title"))
+        return outcome

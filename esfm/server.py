@@ -273,3 +273,25 @@ def wait_for_health(
             f"{health.get('unassigned_shards', 0)} unassigned shards)",
             hint="check `esfm cluster status` and the node logs",
         )
+
+
+def ensure_system_index(
+    client: Elasticsearch, index: str, mappings: dict | None = None
+) -> None:
+    """Create one of esfm's own small indices if it is missing.
+
+    ``auto_expand_replicas: 0-1`` keeps a single-node cluster green while a
+    multi-node cluster still gets a replica.
+    """
+    with cluster_errors(client, f"creating {index}"):
+        if client.indices.exists(index=index):
+            return
+        try:
+            client.indices.create(
+                index=index,
+                mappings=mappings,
+                settings={"number_of_shards": 1, "auto_expand_replicas": "0-1"},
+            )
+        except elasticsearch.BadRequestError as exc:
+            if exc.error != "resource_already_exists_exception":
+                raise

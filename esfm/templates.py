@@ -37,11 +37,21 @@ import pystache
 from elasticsearch import Elasticsearch
 
 from esfm.errors import TemplateError
-from esfm.server import cluster_errors, server_info
+from esfm.server import cluster_errors, ensure_system_index, server_info
 
 logger = logging.getLogger(__name__)
 
 REGISTRY_INDEX = "esfm-templates"
+REGISTRY_MAPPINGS = {
+    "properties": {
+        "name": {"type": "keyword"},
+        "version": {"type": "integer"},
+        "description": {"type": "text"},
+        "checksum": {"type": "keyword"},
+        "source": {"type": "text", "index": False},
+        "pushed_at": {"type": "date"},
+    }
+}
 HEADER = re.compile(r"\A\{\{!(?P<body>.*?)\}\}\n?", re.DOTALL)
 PARAM_LINE = re.compile(
     r"^param\s+(?P<name>[a-z_][a-z0-9_]*)\s*:\s*(?P<type>[a-z\[\]]+)"
@@ -383,6 +393,7 @@ def push_templates(
     the file's version number instead of changing a pushed version.
     """
     info = server_info(client)
+    ensure_system_index(client, REGISTRY_INDEX, REGISTRY_MAPPINGS)
     results = []
     for template in templates.values():
         registered = registry_entry(client, template.script_id)

@@ -19,7 +19,7 @@ from elasticsearch import Elasticsearch
 from esfm.aliases import resolve_index
 from esfm.artifacts import TrainedModel
 from esfm.documents import iter_documents
-from esfm.errors import ValidationFailed
+from esfm.errors import QueryError, ValidationFailed
 from esfm.query import Recommender
 from esfm.server import cluster_errors, server_info
 
@@ -246,7 +246,13 @@ def check_rankings(
     profiles = profiles if profiles is not None else validation_profiles(model)
     mismatches = []
     for profile in profiles:
-        outcome = recommender.profile_outcome(profile, k=k)
+        try:
+            outcome = recommender.profile_outcome(profile, k=k)
+        except QueryError as exc:
+            # A feature of the model that the index lacks is a mismatch to
+            # report, not a reason to stop checking the other profiles.
+            mismatches.append(RankingMismatch(profile, 0, None, None, exc.message))
+            continue
         cluster = [(item.movie_id, item.rank_value) for item in outcome.recommendations]
         mismatch = compare_ranking(model, profile, cluster, k)
         if mismatch is not None:

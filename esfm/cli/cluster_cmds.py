@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
@@ -52,6 +53,28 @@ class ProgressRenderer:
             total = self.progress.tasks[task].total
             if total is not None:
                 self.progress.update(task, completed=total)
+
+
+class LineRenderer:
+    """Print library progress events as plain lines, for output that is not a terminal.
+
+    Each stage prints its message once and then again only when the message
+    changes, so counters such as downloaded bytes or unpacked files, which
+    update many times a second, do not repeat the line.
+    """
+
+    def __init__(self, output: Console) -> None:
+        self.output = output
+        self.last_messages: dict[str, str] = {}
+
+    def __call__(self, event: local_cluster.ProgressEvent) -> None:
+        if self.last_messages.get(event.stage) == event.message:
+            return
+        self.last_messages[event.stage] = event.message
+        self.output.print(event.message, markup=False, highlight=False)
+
+    def finish(self) -> None:
+        """Do nothing: every line is complete when it is printed."""
 
 
 def _count_text(event: local_cluster.ProgressEvent) -> str:
@@ -139,21 +162,24 @@ def start(
     security: bool,
 ) -> None:
     """Start a local cluster and wait until it is healthy."""
-    with _progress() as progress:
-        renderer = ProgressRenderer(progress)
-        state = local_cluster.start(
-            name=name,
-            nodes=nodes,
-            http_port=port,
-            heap=heap,
-            version=version,
-            wait_timeout=timeout,
-            clean=clean,
-            dist_zip=dist,
-            security=security,
-            on_progress=renderer,
-        )
-        renderer.finish()
+    options = {
+        "name": name,
+        "nodes": nodes,
+        "http_port": port,
+        "heap": heap,
+        "version": version,
+        "wait_timeout": timeout,
+        "clean": clean,
+        "dist_zip": dist,
+        "security": security,
+    }
+    if console.is_terminal:
+        with _progress() as progress:
+            renderer = ProgressRenderer(progress)
+            state = local_cluster.start(**options, on_progress=renderer)
+            renderer.finish()
+    else:
+        state = local_cluster.start(**options, on_progress=LineRenderer(console))
     console.print(
         f"Local cluster [bold]{name}[/] (Elasticsearch {state.version}, "
         f"{len(state.nodes)} node(s)) is running at {state.url}"
@@ -184,14 +210,17 @@ def start(
 def stop(name: str, timeout: float, wipe: bool) -> None:
     """Stop every node of a local cluster."""
     result = local_cluster.stop(name, timeout=timeout)
+    if not result.stopped:
+        console.print(f"Local cluster [bold]{name}[/] is not running")
     for node_name in result.killed:
         console.print(
             f"[yellow]node {node_name} did not stop within {timeout:g}s of "
             "SIGTERM and was killed with SIGKILL[/]"
         )
-    console.print(
-        f"Stopped local cluster [bold]{name}[/] ({len(result.stopped)} node(s))"
-    )
+    if result.stopped:
+        console.print(
+            f"Stopped local cluster [bold]{name}[/] ({len(result.stopped)} node(s))"
+        )
     if wipe:
         directory = local_cluster.wipe(name)
         console.print(f"Deleted {directory}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from esfm import cluster
+from esfm import cluster, index_templates
 from esfm.artifacts import TrainedModel
 from esfm.cli.common import console, handle_errors, project_option
 from esfm.cli.index_cmds import print_validation
@@ -96,7 +96,16 @@ def demo(data, out, retrain, alias, url, stop, project) -> None:
     model = _model(data, Path(out), retrain)
     found = discover_project(project)
 
-    console.print(f"[bold]3. migrating model {model.model_id} behind alias {alias}[/]")
+    console.print("[bold]3. pushing index templates for recsys-*[/]")
+    for pushed in index_templates.push_definitions(
+        client, index_templates.load_definitions(found.root)
+    ):
+        console.print(
+            f"   {pushed.kind} template {pushed.name} v{pushed.version}: "
+            f"{pushed.status}"
+        )
+
+    console.print(f"[bold]4. migrating model {model.model_id} behind alias {alias}[/]")
     plan = plan_migration(
         client, model, latest_version(found.mappings_dir, "recsys"), alias=alias
     )
@@ -116,22 +125,28 @@ def demo(data, out, retrain, alias, url, stop, project) -> None:
         )
     console.print(f"   alias {alias} -> {result.index} ({result.action})")
 
-    console.print("[bold]4. pushing search templates[/]")
+    console.print("[bold]5. pushing search templates[/]")
     for pushed in push_templates(client, load_templates(found.templates_dir)):
         where = "stored script" if pushed.stored_script else "rendered locally"
         console.print(f"   {pushed.script_id}: {pushed.status} ({where})")
 
-    console.print("[bold]5. cold-start recommendations[/]")
+    console.print("[bold]6. cold-start recommendations[/]")
     recommender = Recommender(client, alias, templates_dir=found.templates_dir)
     for title, profile in DEMO_USERS:
         outcome = recommender.cold_start_outcome(**profile, k=10)
         print_outcome(f"top 10 for {title}", outcome, verbose=True)
 
-    console.print("[bold]6. validating the cluster against the model[/]")
+    console.print("[bold]7. validating the cluster against the model[/]")
     report = validate_index(client, alias, model)
     print_validation(report)
     if stop:
         cluster.stop()
+        console.print("stopped the local node")
+    elif url is None and not os.environ.get("ESFM_URL"):
+        console.print(
+            "the local node is still running: query it with `esfm query`, "
+            "stop it with `esfm cluster stop`"
+        )
     if not report.ok:
         raise ValidationFailed(f"{alias} disagrees with model {model.model_id}")
 

@@ -233,13 +233,17 @@ def migrate(
         for step in plan.steps:
             console.print(f"- {step}")
         with _bulk_progress() as progress:
-            task = progress.add_task(f"bulk {plan.index}", total=plan.doc_count)
+            tasks: list = []
+
+            def on_progress(done: int, total: int) -> None:
+                # The bar appears with the first bulk chunk, so a run that
+                # loads nothing (no-op, in place, or lock taken) shows none.
+                if not tasks:
+                    tasks.append(progress.add_task(f"bulk {plan.index}", total=total))
+                progress.update(tasks[0], completed=done)
+
             result = apply_migration(
-                client,
-                plan,
-                model,
-                lock_wait=lock_wait,
-                on_progress=lambda done, total: progress.update(task, completed=done),
+                client, plan, model, lock_wait=lock_wait, on_progress=on_progress
             )
     if as_json:
         print_json(
@@ -303,7 +307,7 @@ def _run_check(client, alias: str, mapping: str, project, as_json: bool) -> None
 @json_option
 @handle_errors
 def alias_swap(alias, index, model_dir, client, as_json) -> None:
-    """Validate INDEX against a model, then move the alias to it atomically."""
+    """Validate the --index index against a model, then point the alias at it."""
     model = TrainedModel.load(model_dir)
     current = aliases.alias_target(client, alias)
     if current == index:
@@ -362,7 +366,10 @@ def rollback(alias, target, model_dir, client, as_json) -> None:
             )
 
     if not client.indices.exists(index=target):
-        raise MigrationError(f"rollback target {target} no longer exists")
+        raise MigrationError(
+            f"rollback target {target} does not exist",
+            hint=f"list the indices esfm recorded with: esfm status --alias {alias}",
+        )
     if indexing.read_meta(client, target).get("state") != indexing.STATE_COMPLETE:
         raise MigrationError(f"rollback target {target} is not a complete esfm index")
     target_meta = indexing.read_meta(client, target)

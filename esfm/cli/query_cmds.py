@@ -21,13 +21,18 @@ from esfm.query import QueryOutcome, Recommender
 TEMPLATES = ("cold_start",)
 
 
-def print_outcome(title: str, outcome: QueryOutcome, verbose: bool) -> None:
+def print_outcome(
+    title: str,
+    outcome: QueryOutcome,
+    verbose: bool,
+    value_label: str = "rank value",
+) -> None:
     table = Table(title=title)
     table.add_column("#", justify="right")
     table.add_column("movie", justify="right")
     table.add_column("title")
     table.add_column("genres")
-    table.add_column("rank value", justify="right")
+    table.add_column(value_label, justify="right")
     for position, item in enumerate(outcome.recommendations, start=1):
         table.add_row(
             str(position),
@@ -51,6 +56,7 @@ def outcome_json(outcome: QueryOutcome) -> dict:
         "index": outcome.index,
         "path": outcome.path,
         "round_trips": outcome.round_trips,
+        "query_movie": outcome.query_movie,
         "recommendations": [item.to_dict() for item in outcome.recommendations],
     }
 
@@ -187,7 +193,13 @@ def similar(title, genres, alias, k, verbose, project, client, as_json) -> None:
     if as_json:
         print_json(outcome_json(outcome))
     else:
-        print_outcome(f"{k} movies closest to {title!r}", outcome, verbose)
+        movie_id, matched = outcome.query_movie or ("?", title)
+        print_outcome(
+            f"{k} movies closest to {matched!r} (movie {movie_id})",
+            outcome,
+            verbose,
+            value_label="cosine",
+        )
 
 
 COMMANDS = [query, recommend, similar]

@@ -125,6 +125,10 @@ def test_rank_ties_break_by_movie_id(synthetic_dataset, tmp_path):
         weights["linear"][row] = weights["linear"][rows[0]] + 100.0
     weights["linear"][rows[0]] += 100.0
     save_file(weights, path / "model.safetensors")
+    # Edited weights no longer match the digest in the model id.
+    config = json.loads((path / "config.json").read_text())
+    config["model_id"] = "hand-edited"
+    (path / "config.json").write_text(json.dumps(config))
     ranked = TrainedModel.load(path).rank({"age": "25"}, k=3)
     assert [movie for movie, _ in ranked] == ["2", "5", "9"]
     assert ranked[0][1] == ranked[1][1] == ranked[2][1]
@@ -234,3 +238,11 @@ def test_wrong_k_in_config(saved):
     config["k"] = 16
     (path / "config.json").write_text(json.dumps(config))
     assert "k=16" in load_error(path)
+
+
+def test_edited_weights_rejected(saved):
+    _, path = saved
+    weights = load_file(path / "model.safetensors")
+    weights["embedding"] *= 1.5
+    save_file(weights, path / "model.safetensors")
+    assert "do not match model id" in load_error(path)

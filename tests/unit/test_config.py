@@ -276,3 +276,11 @@ def test_connection_must_be_table(tmp_path):
         load_config_file(path)
 
     assert "must be a table, not str" in caught.value.message
+
+
+def test_url_with_password_rejected():
+    with pytest.raises(ConfigError) as caught:
+        resolve_settings(environ={}, url="http://elastic:hunter2pass@127.0.0.1:9200")
+    assert "contains credentials" in caught.value.message
+    assert "hunter2pass" not in str(caught.value)
+    assert "ESFM_PASSWORD" in caught.value.hint

@@ -7,12 +7,15 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import esfm.train as train_module
 from esfm.data import load_movielens
 from esfm.errors import ConfigError, ModelError, TrainingError
+from esfm.model import FactorizationMachine, FMConfig
 from esfm.train import (
     MODEL_FILES,
+    FusedTrainer,
     TrainConfig,
     save_model,
     split_ratings,
@@ -223,3 +226,18 @@ def test_save_refuses_non_model_folder(trained, tmp_path):
     with pytest.raises(ModelError, match="is not a model directory"):
         save_model(trained, target)
     assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_distinct_rows_match_unique():
+    model = FactorizationMachine(FMConfig(n_features=30, k=4, sparse=True))
+    trainer = FusedTrainer(model, TrainConfig(), one_hot=True)
+    cases = [
+        torch.tensor([7]),
+        torch.tensor([30, 0, 30, 29, 0]),
+        torch.randint(0, 31, (500,), generator=torch.Generator().manual_seed(1)),
+    ]
+    for index in cases:
+        rows, inverse = trainer._distinct_rows(index)
+        expected_rows, expected_inverse = torch.unique(index, return_inverse=True)
+        assert rows.tolist() == expected_rows.tolist()
+        assert inverse.tolist() == expected_inverse.tolist()
