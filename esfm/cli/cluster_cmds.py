@@ -180,19 +180,35 @@ def start(
             renderer.finish()
     else:
         state = local_cluster.start(**options, on_progress=LineRenderer(console))
+    # soft_wrap keeps URLs, paths and the fingerprint on one line when the
+    # output is not a terminal, so they can be copied.
     console.print(
         f"Local cluster [bold]{name}[/] (Elasticsearch {state.version}, "
-        f"{len(state.nodes)} node(s)) is running at {state.url}"
+        f"{len(state.nodes)} node(s)) is running at {state.url}",
+        soft_wrap=True,
     )
-    console.print(f"State file: {state.path}")
+    console.print(f"State file: {state.path}", soft_wrap=True)
     if state.security:
         # The password itself is never printed: it stays in its file.
-        console.print(f"CA certificate: {state.ca_certs}")
-        console.print(f"Certificate SHA-256 fingerprint: {state.ssl_fingerprint}")
+        console.print(f"CA certificate: {state.ca_certs}", soft_wrap=True)
         console.print(
-            f"User elastic; password in {state.password_file} (mode 600). "
-            "esfm commands use both while this cluster runs."
+            f"Certificate SHA-256 fingerprint: {state.ssl_fingerprint}",
+            soft_wrap=True,
         )
+        console.print(
+            f"User elastic; password in {state.password_file} (mode 600).",
+            soft_wrap=True,
+        )
+        # Only the cluster named "default" is found without settings.
+        if name == "default":
+            console.print("esfm commands use these while this cluster runs.")
+        else:
+            console.print(
+                f"Connect esfm with ESFM_URL={state.url} ESFM_USERNAME=elastic "
+                f"ESFM_CA_CERTS={state.ca_certs} and ESFM_PASSWORD set to the "
+                "contents of the password file.",
+                soft_wrap=True,
+            )
 
 
 @cluster.command()

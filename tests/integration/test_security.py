@@ -350,3 +350,43 @@ def test_query_only_api_key_cannot_write(secured):
         with cluster_errors(client, "creating a test index"):
             client.indices.create(index=f"esfm-deny-{uuid.uuid4().hex[:8]}")
     assert "lacks a privilege" in caught.value.message
+
+
+# --------------------------------------------------------------------------
+# Restart of a secured cluster
+
+
+def test_secured_restart_keeps_credentials(esfm_test_home: Path, es_cache_dir: Path):
+    # A cluster of its own, because stopping the module's node would end the
+    # other tests. The second start reuses the keystore, certificates and
+    # password file of the first, which the service account owns as root.
+    name = f"pytest-{os.getpid()}-sec-restart"
+    options = {
+        "name": name,
+        "security": True,
+        "heap": SECURED_HEAP,
+        "http_port": local_cluster.find_free_http_port(1, start=24000),
+        "home": esfm_test_home,
+        "cache_dir": es_cache_dir,
+    }
+    try:
+        first = local_cluster.start(**options)
+        local_cluster.stop(name, home=esfm_test_home)
+        second = local_cluster.start(**options)
+        password_mode = Path(second.password_file).stat().st_mode & 0o777
+        password = local_cluster.read_password_file(Path(second.password_file))
+        client = elasticsearch.Elasticsearch(
+            second.url, basic_auth=("elastic", password), ca_certs=second.ca_certs
+        )
+        user = client.security.authenticate()
+        client.close()
+    finally:
+        local_cluster.stop(name, home=esfm_test_home)
+        local_cluster.wipe(name, home=esfm_test_home)
+
+    assert second.password_file == first.password_file
+    assert password_mode == 0o600
+    assert second.ca_certs == first.ca_certs
+    assert second.ssl_fingerprint == first.ssl_fingerprint
+    assert user["username"] == "elastic"
+    assert list((esfm_test_home / "clusters").glob("*.lock")) == []

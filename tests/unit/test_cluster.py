@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from esfm import cluster as local_cluster
+from esfm.cli.cluster_cmds import LineRenderer
 from esfm.cli.cluster_cmds import cluster as cluster_group
 from esfm.errors import LocalClusterError
 
@@ -427,6 +432,7 @@ def test_start_rejects_busy_port(tmp_path):
     assert f"HTTP port {port} on 127.0.0.1 is already in use" in caught.value.message
     assert "--port" in caught.value.hint
     assert not (tmp_path / "cache").exists()
+    assert list((tmp_path / "home" / "clusters").glob("*.lock")) == []
 
 
 def test_node_ports_consecutive():
@@ -511,12 +517,33 @@ def test_default_home_without_env():
         assert home == Path("~/.cache/esfm").expanduser()
 
 
-def test_stop_unknown_cluster(tmp_path):
-    with pytest.raises(LocalClusterError) as caught:
-        local_cluster.stop("nothing", home=tmp_path)
+def test_stop_unknown_cluster_does_nothing(tmp_path):
+    result = local_cluster.stop("nothing", home=tmp_path)
 
-    assert "no local cluster named 'nothing'" in caught.value.message
-    assert "esfm cluster start --name nothing" in caught.value.hint
+    assert result.name == "nothing"
+    assert result.stopped == []
+    assert result.killed == []
+    assert list((tmp_path / "clusters").iterdir()) == []
+
+
+def test_stop_invalid_name_rejected(tmp_path):
+    with pytest.raises(LocalClusterError) as caught:
+        local_cluster.stop("../escape", home=tmp_path)
+
+    assert "invalid cluster name" in caught.value.message
+    assert not (tmp_path / "clusters").exists()
+
+
+def test_stop_stale_state_removes_it(tmp_path):
+    state = _state(tmp_path, pid=None, ticks=None)
+    path = local_cluster.state_path("t", tmp_path)
+    local_cluster.write_state(state, path)
+
+    result = local_cluster.stop("t", home=tmp_path, timeout=1)
+
+    assert result.stopped == []
+    assert not path.exists()
+    assert list((tmp_path / "clusters").glob("*.lock")) == []
 
 
 def test_wipe_stopped_cluster(tmp_path):
@@ -527,6 +554,56 @@ def test_wipe_stopped_cluster(tmp_path):
 
     assert removed == tmp_path / "clusters" / "t"
     assert not removed.exists()
+    assert list((tmp_path / "clusters").iterdir()) == []
+
+
+def _blocked_flock_inodes() -> set[int]:
+    # Lines of /proc/locks for a process waiting on a lock contain "->",
+    # followed by the type and "MAJOR:MINOR:INODE" of the locked file.
+    inodes = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and "FLOCK" in fields:
+            inodes.add(int(fields[fields.index("->") + 5].rsplit(":", 1)[1]))
+    return inodes
+
+
+def test_lock_waiter_relocks_recreated_file(tmp_path):
+    # A process that waits while the holder deletes the lock file must not
+    # go on holding a lock on the deleted file, because a third process
+    # could then lock a new file of the same name at the same time.
+    lock_path = tmp_path / "clusters" / "t.lock"
+    holder_inside = threading.Event()
+    release_holder = threading.Event()
+    waiter_saw: list[bool] = []
+
+    def hold() -> None:
+        with local_cluster._cluster_lock("t", tmp_path):
+            holder_inside.set()
+            release_holder.wait()
+
+    def wait_for_lock() -> None:
+        with local_cluster._cluster_lock("t", tmp_path):
+            waiter_saw.append(lock_path.exists())
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holder_inside.wait()
+    held_inode = lock_path.stat().st_ino
+    waiter = threading.Thread(target=wait_for_lock)
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while held_inode not in _blocked_flock_inodes():
+        if time.monotonic() > deadline:
+            release_holder.set()
+            pytest.fail("the second thread never blocked on the lock")
+        time.sleep(0.01)
+    release_holder.set()
+    holder.join()
+    waiter.join()
+
+    assert waiter_saw == [True]
+    assert not lock_path.exists()
 
 
 # --------------------------------------------------------------------------
@@ -565,3 +642,71 @@ def test_cli_status_json_of_stopped_cluster(tmp_path, monkeypatch):
     assert report["running"] is False
     assert report["error"] == "no node process is running"
     assert report["nodes"][0]["running"] is False
+
+
+def test_cli_stop_not_running_succeeds(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESFM_HOME", str(tmp_path))
+
+    first = CliRunner().invoke(cluster_group, ["stop", "--name", "gone"])
+    second = CliRunner().invoke(cluster_group, ["stop", "--name", "gone", "--wipe"])
+
+    assert first.exit_code == 0
+    assert "Local cluster gone is not running" in first.output
+    assert "start one" not in first.output
+    assert second.exit_code == 0
+    assert "is not running" in second.output
+    assert list((tmp_path / "clusters").iterdir()) == []
+
+
+def test_cli_stop_invalid_name_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESFM_HOME", str(tmp_path))
+
+    result = CliRunner().invoke(cluster_group, ["stop", "--name", "bad/name"])
+
+    assert result.exit_code == 1
+    assert "invalid cluster name 'bad/name'" in result.output
+
+
+def test_line_renderer_prints_each_message_once():
+    output = io.StringIO()
+    renderer = LineRenderer(Console(file=output))
+    fetch = "fetching Elasticsearch 9.5.0 with mvn"
+    events = [("download", fetch, size) for size in range(0, 14_000_000, 1_000_000)]
+    events += [("unpack", "unpacking Elasticsearch 9.5.0", n) for n in range(14)]
+    events += [("wait", "waiting for 1 node(s) to answer", 0)] * 21
+    events += [("wait", "waiting for 1 node(s): health red, 1 node(s) joined", 1)]
+    events += [("wait", "cluster is healthy", 1)]
+
+    for stage, message, completed in events:
+        renderer(local_cluster.ProgressEvent(stage, message, completed=completed))
+    renderer.finish()
+
+    assert output.getvalue().splitlines() == [
+        fetch,
+        "unpacking Elasticsearch 9.5.0",
+        "waiting for 1 node(s) to answer",
+        "waiting for 1 node(s): health red, 1 node(s) joined",
+        "cluster is healthy",
+    ]
+
+
+def test_wait_progress_hides_connection_errors(tmp_path):
+    # Nothing listens on the node's port, so every poll fails with
+    # "Connection refused". The launcher pid is this process, so the node
+    # never counts as exited and the wait ends at its timeout.
+    state = _state(tmp_path, pid=None, ticks=None)
+    node = state.nodes[0]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        node.url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    node.launcher_pid = os.getpid()
+    node.launcher_start_ticks = local_cluster._proc_stat(os.getpid())[1]
+    events: list[local_cluster.ProgressEvent] = []
+
+    with pytest.raises(local_cluster._StartFailed) as caught:
+        local_cluster._wait_until_healthy(state, [node], 1, 1.5, events.append)
+
+    assert events
+    assert {event.message for event in events} == {"waiting for 1 node(s) to answer"}
+    assert "not healthy after 1.5s" in caught.value.reason
+    assert "Connection refused" in caught.value.reason

@@ -70,3 +70,26 @@ def test_train_help_matches_defaults():
     assert f"[default: {defaults.patience}]" in text
     assert f"[default: {defaults.k}]" in text
     assert f"[default: {defaults.epochs}]" in text
+
+
+def test_train_rejects_bad_out_before_training(tmp_path):
+    folder = write_ml1m(tmp_path / "ml-1m")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a model")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "other.txt").write_text("keep me")
+    cases = [
+        (a_file, "is a file, not a folder"),
+        (a_file / "sub", "cannot create --out"),
+        (full, "non-empty folder that holds no model"),
+    ]
+    for out, message in cases:
+        result = CliRunner().invoke(
+            cli, ["train", "--data", str(folder), "--out", str(out), "--epochs", "1"]
+        )
+        output = " ".join(result.output.split())  # rich wraps long lines
+        assert result.exit_code == 1, result.output
+        assert message in output
+        assert "epoch" not in output
+    assert (full / "other.txt").read_text() == "keep me"
