@@ -154,7 +154,7 @@ def _cluster_lock(name: str, home: Path | None) -> Iterator[None]:
         yield
     finally:
         # Deleting the file while holding the lock is safe, because a process
-        # that waits on the deleted file sees that and locks a new one.
+        # that waits on the deleted file detects that and locks a new one.
         with contextlib.suppress(FileNotFoundError):
             lock_path.unlink()
         fcntl.flock(lock_file, fcntl.LOCK_UN)
@@ -1450,7 +1450,8 @@ def _wait_until_healthy(
         joined = 0
         # The progress message names the phase only. The raw error, such as
         # "Connection refused" before the node listens, repeats on every
-        # poll, so it goes to the debug log and into the timeout error.
+        # poll, so only its changes go to the debug log, and the last one
+        # goes into the timeout error.
         message = f"waiting for {expected_nodes} node(s) to answer"
         try:
             health = cluster_health(
@@ -1461,8 +1462,9 @@ def _wait_until_healthy(
                 access=access,
             )
         except (OSError, ValueError) as exc:
+            if str(exc) != last_error:
+                logger.debug("%s has not answered yet: %s", nodes[0].url, exc)
             last_error = str(exc)
-            logger.debug("%s has not answered yet: %s", nodes[0].url, exc)
         else:
             joined = health.get("number_of_nodes", 0)
             ready = not health.get("timed_out") and health["status"] != "red"
