@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -181,7 +182,10 @@ class SearchTemplate:
 
     def render(self, values: dict[str, Any]) -> dict[str, Any]:
         """Render the search body locally, with Elasticsearch's mustache semantics."""
-        params = self.resolve_params(values)
+        return self.render_resolved(self.resolve_params(values))
+
+    def render_resolved(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Render with parameters that ``resolve_params`` already checked."""
         text = render_mustache(self.source, params)
         try:
             return json.loads(text)
@@ -220,6 +224,15 @@ def _no_tags(text: str) -> str:
     return text
 
 
+_RENDERER = pystache.Renderer(escape=_json_string_escape, missing_tags="strict")
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_cached(source: str) -> pystache.parsed.ParsedTemplate:
+    # Parsing costs about as much as rendering, and template sources are few.
+    return pystache.parse(source)
+
+
 def render_mustache(source: str, params: dict[str, Any]) -> str:
     """Render ``source`` like Elasticsearch's mustache script engine does."""
 
@@ -239,9 +252,8 @@ def render_mustache(source: str, params: dict[str, Any]) -> str:
     context = dict(params)
     context["toJson"] = to_json
     context["join"] = join
-    renderer = pystache.Renderer(escape=_json_string_escape, missing_tags="strict")
     try:
-        return renderer.render(source, context)
+        return _RENDERER.render(_parse_cached(source), context)
     except pystache.context.KeyNotFoundError as exc:
         raise TemplateError(f"template refers to an unknown parameter: {exc}") from exc
 
@@ -501,7 +513,7 @@ def search_with_template(
                 index=index, id=template.script_id, params=resolved
             )
         return dict(response), "stored"
-    body = template.render(resolved)
+    body = template.render_resolved(resolved)
     with cluster_errors(client, f"searching {index} with {template.name}"):
         response = client.search(index=index, body=body)
     return dict(response), "local"
