@@ -104,7 +104,7 @@ ENV_VARS = {
 
 @dataclasses.dataclass(frozen=True)
 class ConnectionSettings:
-    """Where and how to reach one cluster."""
+    """Address and credentials of one cluster."""
 
     url: str = DEFAULT_URL
     username: str | None = None

@@ -1,4 +1,4 @@
-"""What the connected cluster is: its version, its script languages, its health.
+"""Facts about the connected cluster: its version, script languages and health.
 
 Also the one translation from client exceptions to ``ClusterError``, so every
 command reports an unreachable or rejecting cluster the same way.

@@ -376,7 +376,7 @@ def get_template(templates_dir: Path, name: str) -> SearchTemplate:
 
 @dataclasses.dataclass(frozen=True)
 class PushResult:
-    """Where one template version went."""
+    """The outcome of pushing one template version."""
 
     name: str
     version: int

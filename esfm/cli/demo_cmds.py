@@ -84,7 +84,7 @@ def _model(data: str | None, out: Path, retrain: bool) -> TrainedModel:
     type=click.Path(file_okay=False),
     help="Model directory to write, or reuse if it exists.",
 )
-@click.option("--retrain", is_flag=True, help="Train even if --out holds a model.")
+@click.option("--retrain", is_flag=True, help="Train even if --out contains a model.")
 @click.option("--alias", default="recsys", show_default=True)
 @click.option("--url", help="Use this cluster instead of the local node.")
 @click.option("--stop", is_flag=True, help="Stop the local node at the end.")

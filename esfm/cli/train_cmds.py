@@ -80,7 +80,7 @@ def check_model_destination(out: Path) -> None:
             )
         if any(target.iterdir()) and not (target / "config.json").is_file():
             raise ModelError(
-                f"--out {str(target)!r} is a non-empty folder that holds no model",
+                f"--out {str(target)!r} is a non-empty folder that contains no model",
                 hint="choose another --out or empty the folder",
             )
     # Probe with the same kind of sibling folder that the atomic save makes.
