@@ -35,13 +35,20 @@ class PrunePlan:
     rollback_target: str | None
     kept: list[str]
     delete: list[str]
+    incomplete: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def esfm_indices(client: Elasticsearch, alias: str) -> list[tuple[str, str]]:
-    """Return ``(index, created)`` for the alias's esfm indices, newest first."""
+def esfm_indices(
+    client: Elasticsearch, alias: str, *, complete_only: bool = False
+) -> list[tuple[str, str]]:
+    """Return ``(index, created)`` for the alias's esfm indices, newest first.
+
+    With ``complete_only``, indices whose ``_meta.esfm.state`` is not complete
+    (left half-built by an interrupted migrate) are left out.
+    """
     with cluster_errors(client, f"listing indices of alias {alias}"):
         response = client.indices.get_mapping(
             index=f"{alias}-v*", allow_no_indices=True, expand_wildcards="open,closed"
@@ -53,9 +60,17 @@ def esfm_indices(client: Elasticsearch, alias: str) -> list[tuple[str, str]]:
         # another alias whose name starts with this one.
         if not meta or not _belongs_to(index, alias):
             continue
+        if complete_only and meta.get("state") != indexing.STATE_COMPLETE:
+            continue
         found.append((index, str(meta.get("created", ""))))
     found.sort(key=lambda item: (item[1], item[0]), reverse=True)
     return found
+
+
+def incomplete_indices(client: Elasticsearch, alias: str) -> list[str]:
+    """Return the alias's esfm indices that an interrupted migrate left half-built."""
+    complete = {index for index, _ in esfm_indices(client, alias, complete_only=True)}
+    return [index for index, _ in esfm_indices(client, alias) if index not in complete]
 
 
 def _belongs_to(index: str, alias: str) -> bool:
@@ -91,11 +106,15 @@ def plan_prune(
     live = aliases.alias_target(client, alias)
     target = rollback_target(client, alias, live)
     protected = {name for name in (live, target) if name}
-    candidates = [index for index, _ in esfm_indices(client, alias)]
+    # Half-built indices never count towards ``keep``: nothing can serve them.
+    incomplete = [i for i in incomplete_indices(client, alias) if i not in protected]
+    candidates = [
+        index for index, _ in esfm_indices(client, alias) if index not in incomplete
+    ]
     kept = candidates[:keep]
     kept.extend(index for index in candidates[keep:] if index in protected)
-    delete = [index for index in candidates if index not in kept]
-    return PrunePlan(alias, keep, live, target, kept, delete)
+    delete = [index for index in candidates if index not in kept] + incomplete
+    return PrunePlan(alias, keep, live, target, kept, delete, incomplete)
 
 
 def apply_prune(
@@ -139,6 +158,10 @@ def _delete(client: Elasticsearch, plan: PrunePlan) -> list[str]:
         if index in (plan.live, plan.rollback_target):
             continue  # never reached with a plan from plan_prune
         meta = indexing.read_meta(client, index)
+        if index in plan.incomplete and meta.get("state") == indexing.STATE_COMPLETE:
+            # A migrate finished it between planning and taking the lock.
+            logger.info("keeping %s: it was completed after planning", index)
+            continue
         logger.info("deleting index %s of alias %s (retention)", index, plan.alias)
         with cluster_errors(client, f"deleting index {index}"):
             client.indices.delete(index=index)

@@ -431,7 +431,15 @@ def prune(alias, keep, yes, lock_wait, client, as_json) -> None:
     for index in plan.kept:
         console.print(f"  keep    {index}")
     for index in plan.delete:
-        console.print(f"  {'deleted' if yes else 'delete '} {index}")
+        verb = "delete "
+        if yes:
+            verb = "deleted" if index in deleted else "kept   "
+        note = (
+            " (half-built by an interrupted migrate)"
+            if index in plan.incomplete
+            else ""
+        )
+        console.print(f"  {verb} {index}{note}")
     if plan.delete and not yes:
         console.print(f"nothing deleted; rerun with --yes to delete {len(plan.delete)}")
     if not plan.delete:
@@ -451,11 +459,13 @@ def status(alias, mapping, project, client, as_json) -> None:
     meta = indexing.read_meta(client, current) if current else {}
     entries = history.entries(client, alias, size=20)
     report = _drift_report(client, alias, mapping, project)
+    incomplete = retention.incomplete_indices(client, alias)
     if as_json:
         print_json(
             {
                 "alias": alias,
                 "index": current,
+                "incomplete_indices": incomplete,
                 "meta": meta,
                 "drift": report.to_dict(),
                 "history": entries,
@@ -478,6 +488,13 @@ def status(alias, mapping, project, client, as_json) -> None:
         console.print("  drift: none (mapping files, live mapping and templates agree)")
     for problem in report.problems():
         console.print(f"  [yellow]drift:[/] {problem}", highlight=False)
+    for index in incomplete:
+        console.print(
+            f"  [yellow]half-built:[/] {index} was left by an interrupted migrate; "
+            "the next migrate of that model rebuilds it, `esfm prune --yes` "
+            "deletes it",
+            highlight=False,
+        )
     if entries:
         table = Table(title="history (newest first)")
         for column in ("at", "action", "index", "previous_index", "model_id"):

@@ -7,8 +7,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from esfm import indexing, retention
 from esfm.cli.main import cli
 from esfm.errors import ClusterError
+from esfm.mappings import latest_version
+from esfm.project import PACKAGED_PROJECT
 from esfm.server import cluster_errors
 
 
@@ -70,3 +73,28 @@ def test_status_on_missing_alias(es_client, unique_prefix):
     report = json.loads(result.output)
     assert report["index"] is None
     assert f"alias {alias} does not exist" in report["drift"]["problems"]
+
+
+def test_half_built_index_reported_and_pruned(es_client, unique_prefix):
+    alias = f"{unique_prefix}half"
+    index = f"{alias}-v1-ml-100k-000000000000"
+    mapping = latest_version(PACKAGED_PROJECT / "mappings", "recsys")
+    indexing.create_index(
+        es_client,
+        index,
+        mappings=mapping.render(4),
+        settings={"number_of_replicas": 0},
+        meta={"model_id": "ml-100k-000000000000", "mapping_version": 1},
+    )
+    runner = CliRunner()
+    status = runner.invoke(
+        cli, ["status", "--alias", alias, "--url", _url(es_client), "--json"]
+    )
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.output)["incomplete_indices"] == [index]
+
+    plan = retention.plan_prune(es_client, alias, keep=3)
+    assert plan.incomplete == [index]
+    assert plan.delete == [index]
+    assert retention.apply_prune(es_client, plan) == [index]
+    assert not es_client.indices.exists(index=index)

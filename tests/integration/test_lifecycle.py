@@ -368,6 +368,18 @@ def _fake_esfm_index(es_client, alias: str, number: int, created: str) -> str:
         settings={"number_of_replicas": 0},
         meta={"model_id": f"model{number}", "created": created},
     )
+    # A finished migrate marks its index complete; prune treats others as
+    # half-built leftovers.
+    es_client.indices.put_mapping(
+        index=index,
+        meta={
+            "esfm": {
+                "model_id": f"model{number}",
+                "created": created,
+                "state": indexing.STATE_COMPLETE,
+            }
+        },
+    )
     return index
 
 
