@@ -1039,9 +1039,11 @@ def fetch_movielens(
     dataset = resolve_dataset_name(name)
     source = url or DOWNLOAD_URLS[dataset]
     dest_path = Path(dest)
+    created = not dest_path.exists()
     dest_path.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{dataset}.", suffix=".zip", dir=dest)
     logger.info("downloading %s from %s", dataset, source)
+    succeeded = False
     try:
         with os.fdopen(handle, "wb") as out:
             try:
@@ -1061,9 +1063,16 @@ def fetch_movielens(
                     "hand and unpack it",
                 ) from exc
         required = list(REQUIRED_FILES[dataset])
-        return extract_archive(temporary, dest_path, folder=dataset, required=required)
+        extracted = extract_archive(
+            temporary, dest_path, folder=dataset, required=required
+        )
+        succeeded = True
+        return extracted
     finally:
         Path(temporary).unlink(missing_ok=True)
+        # Leave no empty folder behind a failed first download.
+        if created and not succeeded and not any(dest_path.iterdir()):
+            dest_path.rmdir()
 
 
 # ---------------------------------------------------------------------------

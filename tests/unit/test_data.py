@@ -542,7 +542,7 @@ def test_fetch_rejects_html_page(tmp_path):
     page.write_text("<html>503 Service Unavailable</html>")
     with pytest.raises(DataError, match="is not a zip file"):
         fetch_movielens("ml-1m", tmp_path / "dest", url=page.as_uri())
-    assert list((tmp_path / "dest").iterdir()) == []
+    assert not (tmp_path / "dest").exists()
 
 
 def test_crlf_line_endings(tmp_path):
@@ -554,3 +554,11 @@ def test_crlf_line_endings(tmp_path):
     dataset = load_movielens(folder)
     assert dataset.movies.loc[1, "genres"] == ["Animation", "Children's", "Comedy"]
     assert len(dataset.ratings) == 4
+
+
+def test_failed_fetch_leaves_no_folder(tmp_path):
+    dest = tmp_path / "data"
+    missing = (tmp_path / "no-such.zip").as_uri()
+    with pytest.raises(DataError, match="download of .* failed"):
+        fetch_movielens("movielens-1m", dest, url=missing)
+    assert not dest.exists()
