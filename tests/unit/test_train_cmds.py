@@ -82,7 +82,7 @@ def test_train_rejects_bad_out_before_training(tmp_path):
     cases = [
         (a_file, "is a file, not a folder"),
         (a_file / "sub", "cannot create --out"),
-        (full, "non-empty folder that holds no model"),
+        (full, "non-empty folder that contains no model"),
     ]
     for out, message in cases:
         result = CliRunner().invoke(
