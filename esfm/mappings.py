@@ -1,6 +1,6 @@
 """Versioned index mappings: ``mappings/<name>/v<N>.json`` files.
 
-Each file holds ``version``, ``description``, ``settings`` and ``mappings``.
+Each file contains ``version``, ``description``, ``settings`` and ``mappings``.
 Vector dims may be written as ``"${k}"`` or ``"${k+1}"`` and are filled in
 from the model; a literal number must match the model. The checksum of a
 version is the SHA-256 of its file bytes, recorded in the index ``_meta`` so

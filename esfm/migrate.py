@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME_INVALID = re.compile(r"[^a-z0-9_.-]")
 
-# What an existing index with the planned name is, as seen by the planner.
+# States of an existing index with the planned name, as the planner sees it.
 EXISTING_NONE = "none"
 EXISTING_LIVE = "live"
 EXISTING_COMPLETE = "complete"
@@ -97,7 +97,7 @@ class MigrationPlan:
 
 @dataclasses.dataclass
 class MigrationResult:
-    """What ``apply_migration`` did."""
+    """The outcome of ``apply_migration``."""
 
     alias: str
     index: str
