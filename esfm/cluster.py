@@ -1452,7 +1452,7 @@ def _wait_until_healthy(
         # "Connection refused" before the node listens, repeats on every
         # poll, so only its changes go to the debug log, and the last one
         # goes into the timeout error.
-        message = f"waiting for {expected_nodes} node(s) to answer"
+        message = f"waiting for {expected_nodes} node(s) to respond"
         try:
             health = cluster_health(
                 nodes[0].url,
@@ -1463,7 +1463,7 @@ def _wait_until_healthy(
             )
         except (OSError, ValueError) as exc:
             if str(exc) != last_error:
-                logger.debug("%s has not answered yet: %s", nodes[0].url, exc)
+                logger.debug("%s has not responded yet: %s", nodes[0].url, exc)
             last_error = str(exc)
         else:
             joined = health.get("number_of_nodes", 0)

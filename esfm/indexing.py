@@ -124,7 +124,7 @@ def bulk_load(
     its full retry time.
 
     Raises:
-        MigrationError: any item failed (a bulk answer of HTTP 200 with
+        MigrationError: any item failed (a bulk response of HTTP 200 with
             ``errors: true`` counts as failure); ``.failures`` lists them and
             ``.not_sent`` counts the documents never sent.
     """

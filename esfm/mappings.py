@@ -23,7 +23,7 @@ VERSION_FILE = re.compile(r"^v(\d+)\.json$")
 MAPPING_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 DIMS_PLACEHOLDERS = {"${k}": 0, "${k+1}": 1}
 
-# Field types esfm knows how to fill; anything else in a mapping file is
+# Field types esfm can fill; anything else in a mapping file is
 # more likely a typo than an intent.
 KNOWN_FIELD_TYPES = {
     "keyword",
@@ -113,7 +113,7 @@ def load_mapping_file(name: str, path: Path) -> MappingVersion:
     # bool is an int subclass, and True == 1 would pass the comparison.
     if isinstance(version, bool) or version != int(match.group(1)):
         raise MappingError(
-            f"{path}: version is {version!r}, but the file name says "
+            f"{path}: version is {version!r}, but the file name gives "
             f"{int(match.group(1))}",
             hint="make the version field match the file name",
         )

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME_INVALID = re.compile(r"[^a-z0-9_.-]")
 
-# States of an existing index with the planned name, as the planner sees it.
+# States of an existing index with the planned name, as found by the planner.
 EXISTING_NONE = "none"
 EXISTING_LIVE = "live"
 EXISTING_COMPLETE = "complete"

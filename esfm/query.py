@@ -2,8 +2,8 @@
 
 ``Recommender`` caches the metadata vectors it fetched, keyed on the concrete
 index behind the alias. Every search response names the index each hit came
-from; when that differs from the cached one the alias was swapped, so the
-cache is dropped and the query is run again against the new index. In the
+from. When that differs from the cached one, the alias was swapped, so the
+cache is dropped and the query runs again against the new index. In the
 steady state a cold-start query is one round trip.
 """
 
@@ -122,7 +122,7 @@ class Recommender:
 
     Args:
         client: an Elasticsearch client.
-        alias: alias or index name that holds the model documents.
+        alias: alias or index name that contains the model documents.
         templates_dir: folder of the search templates; the project's by default.
         method: ``"knn"`` (search templates on ``rank_vector``) or
             ``"script_score"`` (painless ``dotProduct``, needs ``lang-painless``).

@@ -218,7 +218,7 @@ def _lookup(params: dict[str, Any], path: str) -> Any:
 
 def _no_tags(text: str) -> str:
     # A joined value is plain text, not JSON, so a "{{" in it cannot be
-    # escaped the JSON way; removing the tag opener keeps it inert.
+    # escaped the JSON way. Removing the tag opener keeps it inert.
     while "{{" in text:
         text = text.replace("{{", "{")
     return text
@@ -527,7 +527,7 @@ class TemplateDiff:
     """How one template version in the files compares with the cluster registry.
 
     ``state`` is one of ``TEMPLATE_STATES``. ``stored_script`` is True or False
-    when the cluster has ``lang-mustache`` and tells whether the stored script
+    when the cluster has ``lang-mustache`` and states whether the stored script
     ``script_id`` has the file's source, and None when there is no file to
     compare or no mustache engine.
     """

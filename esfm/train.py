@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from esfm import __version__
+from esfm.artifacts import weights_digest
 from esfm.data import (
     EncodedRatings,
     MovieLensDataset,
@@ -640,12 +640,11 @@ def _export_numpy(model: FactorizationMachine) -> dict[str, np.ndarray]:
 
 
 def model_id_for(dataset_name: str, weights: dict[str, np.ndarray]) -> str:
-    """Derive the model id from the dataset name and a hash of the weights."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(weights[name]).tobytes())
-    return f"{dataset_name}-{digest.hexdigest()[:12]}"
+    """Derive the model id from the dataset name and a hash of the weights.
+
+    ``TrainedModel.load`` checks the same digest, so edited weights are caught.
+    """
+    return f"{dataset_name}-{weights_digest(weights)[:12]}"
 
 
 def model_documents(result: TrainResult) -> tuple[dict[str, np.ndarray], dict]:

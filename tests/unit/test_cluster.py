@@ -673,7 +673,7 @@ def test_line_renderer_prints_each_message_once():
     fetch = "fetching Elasticsearch 9.5.0 with mvn"
     events = [("download", fetch, size) for size in range(0, 14_000_000, 1_000_000)]
     events += [("unpack", "unpacking Elasticsearch 9.5.0", n) for n in range(14)]
-    events += [("wait", "waiting for 1 node(s) to answer", 0)] * 21
+    events += [("wait", "waiting for 1 node(s) to respond", 0)] * 21
     events += [("wait", "waiting for 1 node(s): health red, 1 node(s) joined", 1)]
     events += [("wait", "cluster is healthy", 1)]
 
@@ -684,7 +684,7 @@ def test_line_renderer_prints_each_message_once():
     assert output.getvalue().splitlines() == [
         fetch,
         "unpacking Elasticsearch 9.5.0",
-        "waiting for 1 node(s) to answer",
+        "waiting for 1 node(s) to respond",
         "waiting for 1 node(s): health red, 1 node(s) joined",
         "cluster is healthy",
     ]
@@ -707,6 +707,6 @@ def test_wait_progress_hides_connection_errors(tmp_path):
         local_cluster._wait_until_healthy(state, [node], 1, 1.5, events.append)
 
     assert events
-    assert {event.message for event in events} == {"waiting for 1 node(s) to answer"}
+    assert {event.message for event in events} == {"waiting for 1 node(s) to respond"}
     assert "not healthy after 1.5s" in caught.value.reason
     assert "Connection refused" in caught.value.reason

@@ -58,7 +58,7 @@ def test_version_field_must_match_name(tmp_path):
     document = json.loads(path.read_text())
     document["version"] = 2
     path.write_text(json.dumps(document))
-    with pytest.raises(MappingError, match="file name says 1"):
+    with pytest.raises(MappingError, match="file name gives 1"):
         load_versions(tmp_path, "recsys")
 
 
