@@ -2,17 +2,21 @@
 
 The schedule follows the classic recipe (k=120, Adam, batch 1024, 10 epochs,
 learning rate x0.1 after epoch 7, truncated-normal init with std 0.01, seeded
-random 90/10 split). The recipe's lr 1e-3 and weight decay 1e-5 are replaced
-by lr 2e-3 and the L2 strength 0.05 described below, both chosen by the RMSE
-on the early-stopping set. Other changes make it fast on a CPU:
+random 90/10 split). The recipe's Adam with lr 1e-3 and weight decay 1e-5 is
+replaced by a lazy row-wise Adam with lr 3e-3 and the L2 strength 0.065
+described below (or a lazy Adam with lr 2e-3 and 0.05), chosen by the RMSE on
+the early-stopping set. Other changes make it fast on a CPU:
 
-* Batches are slices of one random permutation that index the encoded
-  feature tensors directly, with no DataLoader and no per-example Python.
-* ``FusedTrainer`` keeps embeddings and linear weights in one table, reads
-  each distinct row of a batch once, computes the FM gradient by hand and
-  sums it per row. ``LazyAdam`` then updates only those rows, as
+* Each epoch gathers the encoded feature tensors once in a random order, and
+  its batches are slices of them, with no DataLoader and no per-example
+  Python.
+* ``FusedTrainer`` keeps embeddings, linear weights and their Adam moments
+  in one table, reads each distinct row of a batch once, computes the FM
+  gradient by hand, sums it per row and updates only those rows, as
   ``torch.optim.SparseAdam`` does. The unit tests check the gradient against
   autograd on ``FactorizationMachine``.
+* The step runs through ``torch.compile`` by default, compiled once before
+  the first epoch, with one torch thread.
 * Adam's ``weight_decay`` would touch every row at every step, so L2
   regularization is a loss term on the touched rows instead (see
   ``FactorizationMachine.forward_with_penalty``). Its strength
@@ -25,6 +29,7 @@ on the early-stopping set. Other changes make it fast on a CPU:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -35,7 +40,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +70,14 @@ _EVAL_BATCH = 65536
 MODEL_FILES = ("model.safetensors", "vocabulary.json", "config.json", "metrics.json")
 
 
+# Learning rate and L2 strength of each optimizer, chosen by the
+# early-stopping RMSE on MovieLens 1M (bench/README.md lists the runs).
+OPTIMIZER_DEFAULTS = {
+    "rowwise_adam": {"lr": 3e-3, "weight_decay": 0.065},
+    "adam": {"lr": 2e-3, "weight_decay": 0.05},
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training settings; every field is recorded in ``config.json``.
@@ -73,15 +86,23 @@ class TrainConfig:
         k: embedding dimension.
         epochs: maximum number of epochs.
         batch_size: examples per optimizer step.
-        lr: initial Adam learning rate.
+        optimizer: ``rowwise_adam`` (one second moment per embedding row,
+            see ``rowwise_adam_rows``) or ``adam`` (one per weight, about
+            0.002 lower validation RMSE and a third slower per epoch).
+        lr: initial learning rate; None takes the optimizer's default from
+            ``OPTIMIZER_DEFAULTS``.
         weight_decay: L2 strength on the rows a batch touches, per occurrence
-            and averaged over the batch (see the module docstring).
+            and averaged over the batch (see the module docstring); None
+            takes the optimizer's default.
         lr_decay_epoch: the learning rate is multiplied by ``lr_decay`` after
             this epoch (1-based); 0 disables the decay.
         lr_decay: learning-rate factor applied after ``lr_decay_epoch``.
         init_std: standard deviation of the truncated-normal initialization.
         seed: seeds the splits, the initialization and the batch order.
-        threads: torch intra-op threads; None keeps torch's default.
+        threads: torch intra-op threads during training; None keeps torch's
+            default. One thread is the default because the step's tensors
+            are small: with two threads each batch took about 1.6 times as
+            long on the 2-core machine of bench/README.md.
         patience: stop after this many epochs without improvement on the
             early-stopping set; None trains all epochs.
         valid_fraction: share of ratings held out for the validation RMSE.
@@ -90,26 +111,41 @@ class TrainConfig:
         genres: add movie genres as movie-side features.
         cold_start_holdout: share of users held out entirely (with all their
             ratings) for ``esfm evaluate``; 0 trains on all users.
+        compiled: run the training step through ``torch.compile``; it falls
+            back to the eager step with a warning where compiling fails.
     """
 
     k: int = 120
     epochs: int = 10
     batch_size: int = 1024
-    lr: float = 2e-3
-    weight_decay: float = 0.05
+    optimizer: str = "rowwise_adam"
+    lr: float | None = None
+    weight_decay: float | None = None
     lr_decay_epoch: int = 7
     lr_decay: float = 0.1
     init_std: float = 0.01
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = 1
     patience: int | None = 2
     valid_fraction: float = 0.1
     early_stopping_fraction: float = 0.05
     genres: bool = False
     cold_start_holdout: float = 0.0
+    compiled: bool = True
+
+    def __post_init__(self) -> None:
+        defaults = OPTIMIZER_DEFAULTS.get(self.optimizer, {})
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid setting."""
+        if self.optimizer not in OPTIMIZER_DEFAULTS:
+            raise ConfigError(
+                f"invalid optimizer {self.optimizer!r}: must be one of "
+                + ", ".join(OPTIMIZER_DEFAULTS)
+            )
         checks = [
             ("k", self.k >= 1, "a positive integer"),
             ("epochs", self.epochs >= 1, "a positive integer"),
@@ -193,9 +229,16 @@ def choose_held_out_users(
     return np.sort(ids[order[:count]])
 
 
-def _configure_threads(threads: int | None) -> None:
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op threads for the block, then restore them."""
+    previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def rmse(
@@ -228,190 +271,331 @@ class _Tensors:
         return len(self.rating)
 
 
-class LazyAdam:
-    """Adam that updates only the rows a batch touches (like SparseAdam).
+_BETAS = (0.9, 0.999)
+_EPS = 1e-8
 
-    Row moments decay only when the row is touched, and bias correction uses
-    the global step count, as in ``torch.optim.SparseAdam``.
+
+def distinct_rows(
+    index: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``torch.unique(index, return_inverse=True)`` without a sort.
+
+    Marking the touched rows of a table of ``n_rows`` rows and counting them
+    with a cumsum gives the same sorted rows and positions in
+    O(n_rows + len(index)).
+    """
+    touched = torch.zeros(n_rows, dtype=torch.int64)
+    touched.index_fill_(0, index, 1)
+    position = touched.cumsum(0).sub_(1)
+    rows = touched.nonzero().view(-1)
+    return rows, position.index_select(0, index)
+
+
+def fm_gradients(
+    table: torch.Tensor,
+    bias: torch.Tensor,
+    flat: torch.Tensor,
+    value: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    scale: float,
+    weight_decay: float,
+    one_hot: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compute the gradient of one batch, summed per distinct table row.
+
+    ``table`` contains the batch's distinct rows ``[v, w]`` (``[U, k + 1]``) and
+    ``flat`` the position in ``table`` of every slot of the ``[B, F]`` batch.
+    The loss is ``(sum_b (y_b - t_b)^2 + weight_decay * penalty) / B`` with
+    the penalty of ``FactorizationMachine.forward_with_penalty``. The
+    per-slot gradient ``d_b x_i (S_b - x_i v_i) + decay v_i`` (with
+    ``S_b = sum_i x_i v_i``) is summed per row r as
+    ``sum d_b x_i S_b - (sum d_b x_i^2) v_r + decay * count_r * v_r``, so no
+    ``[B, F, k]`` tensor of embeddings is built.
+
+    Returns:
+        ``(grad [U, k + 1], bias_grad [1], squared_error)``: the gradients of
+        the rows and of the global bias, and the summed squared error.
+    """
+    batch, fields = value.shape
+    k = table.shape[1] - 1
+    inverse = flat.view(batch, fields)
+    vectors = table[:, :k]
+    norms = torch.linalg.vecdot(vectors, vectors)
+    slot_weights = table[:, k].index_select(0, flat).view(batch, fields)
+    slot_norms = norms.index_select(0, flat).view(batch, fields)
+    if one_hot:
+        # Every x_i is 1, so the products with x are skipped.
+        summed = F.embedding_bag(inverse, vectors, mode="sum")
+        linear = slot_weights.sum(dim=1)
+        squares = slot_norms.sum(dim=1)
+    else:
+        summed = F.embedding_bag(inverse, vectors, mode="sum", per_sample_weights=value)
+        linear = (slot_weights * value).sum(dim=1)
+        squares = (slot_norms * value * value).sum(dim=1)
+    pairwise = 0.5 * (torch.linalg.vecdot(summed, summed) - squares)
+    probability = torch.sigmoid(bias + linear + pairwise)
+    error = probability * scale - target
+    squared_error = torch.dot(error, error)
+
+    # d loss / d logit of the squared error through sigmoid(.) * scale.
+    d_logit = (2.0 / batch) * error * scale * probability * (1 - probability)
+    slot = d_logit.unsqueeze(1).expand(batch, fields)
+    if not one_hot:
+        slot = slot * value
+    # One index_add sums every per-slot term per row. Columns: d_b x_i S_b
+    # (k), d_b x_i (the linear weight's gradient), d_b x_i^2 and whether the
+    # slot is active (x_i != 0), the last two for the terms in v_r.
+    if one_hot:
+        scalars = torch.stack([slot, slot, torch.ones_like(slot)], dim=2)
+    else:
+        scalars = torch.stack([slot, slot * value, (value != 0).to(slot.dtype)], 2)
+    per_slot = torch.cat([summed.unsqueeze(1) * slot.unsqueeze(2), scalars], dim=2)
+    sums = torch.zeros(table.shape[0], k + 3).index_add_(
+        0, flat, per_slot.view(-1, k + 3)
+    )
+    decay = 2.0 * weight_decay / batch
+    # Per-row factor on the row's own weights: decay * count_r for both
+    # parts, minus sum d_b x_i^2 for the embedding part only.
+    grad = sums[:, : k + 1] + table * (decay * sums[:, k + 2 :])
+    grad = torch.cat([grad[:, :k] - vectors * sums[:, k + 1 : k + 2], grad[:, k:]], 1)
+    return grad, d_logit.sum().view(1), squared_error
+
+
+def adam_rows(
+    state: torch.Tensor, grad: torch.Tensor, schedule: torch.Tensor
+) -> torch.Tensor:
+    """Return ``state = [param | exp_avg | exp_avg_sq]`` after one Adam step.
+
+    ``schedule`` is ``[lr / (1 - beta1^t), 1 - beta2^t]``. Moments decay only
+    when the row is touched, and bias correction uses the global step count,
+    as in ``torch.optim.SparseAdam``.
+    """
+    beta1, beta2 = _BETAS
+    width = grad.shape[1]
+    exp_avg = state[:, width : 2 * width] * beta1 + grad * (1 - beta1)
+    exp_avg_sq = state[:, 2 * width :] * beta2 + grad * grad * (1 - beta2)
+    denominator = (exp_avg_sq / schedule[1]).sqrt() + _EPS
+    param = state[:, :width] - exp_avg / denominator * schedule[0]
+    return torch.cat([param, exp_avg, exp_avg_sq], dim=1)
+
+
+def rowwise_adam_rows(
+    state: torch.Tensor, grad: torch.Tensor, schedule: torch.Tensor
+) -> torch.Tensor:
+    """Return the state of ``[v, w]`` rows after one row-wise Adam step.
+
+    ``state`` is ``[param (k + 1) | exp_avg (k + 1) | s_v | s_w]``. The
+    first moment is kept per element as in Adam. The second moment of the
+    embedding ``v`` is one number per row, a moving average of the mean
+    squared gradient over the row's elements, as in ``partial_rowwise_adam`` of FBGEMM's
+    ``fbgemm_gpu/codegen/genscript/optimizers.py``. The linear
+    weight ``w`` keeps its own second moment. This shrinks each row's state
+    from ``3 (k + 1)`` to ``2 (k + 1) + 2`` numbers, and with it the memory
+    traffic of the step, by about a third.
+    """
+    beta1, beta2 = _BETAS
+    width = grad.shape[1]
+    k = width - 1
+    exp_avg = state[:, width : 2 * width] * beta1 + grad * (1 - beta1)
+    squares = grad * grad
+    squares = torch.cat([squares[:, :k].mean(dim=1, keepdim=True), squares[:, k:]], 1)
+    exp_avg_sq = state[:, 2 * width :] * beta2 + squares * (1 - beta2)
+    per_column = torch.cat([exp_avg_sq[:, :1].expand(-1, k), exp_avg_sq[:, 1:]], 1)
+    denominator = (per_column / schedule[1]).sqrt() + _EPS
+    param = state[:, :width] - exp_avg / denominator * schedule[0]
+    return torch.cat([param, exp_avg, exp_avg_sq], dim=1)
+
+
+def train_step(
+    state: torch.Tensor,
+    bias_state: torch.Tensor,
+    index: torch.Tensor,
+    value: torch.Tensor,
+    target: torch.Tensor,
+    schedule: torch.Tensor,
+    *,
+    scale: float,
+    weight_decay: float,
+    one_hot: bool,
+    rowwise: bool,
+) -> torch.Tensor:
+    """Run one lazy Adam step on a batch; return its summed squared error.
+
+    Each row of ``state`` contains ``[v, w]`` and its optimizer state (see
+    ``adam_rows`` and, with ``rowwise``, ``rowwise_adam_rows``), so one
+    gather and one scatter of each distinct row of the batch serve the
+    gradient and the update. ``bias_state`` is the ``[1, 3]`` Adam state of
+    the global bias. Both are updated in place.
+    """
+    width = (state.shape[1] - 2) // 2 if rowwise else state.shape[1] // 3
+    rows, flat = distinct_rows(index.reshape(-1), state.shape[0])
+    gathered = state.index_select(0, rows)
+    grad, bias_grad, squared_error = fm_gradients(
+        gathered[:, :width],
+        bias_state[0, :1],
+        flat,
+        value,
+        target,
+        scale=scale,
+        weight_decay=weight_decay,
+        one_hot=one_hot,
+    )
+    update = rowwise_adam_rows if rowwise else adam_rows
+    state.index_copy_(0, rows, update(gathered, grad, schedule))
+    bias_state.copy_(adam_rows(bias_state, bias_grad.view(1, 1), schedule))
+    return squared_error
+
+
+def _compiled_step() -> Callable[..., torch.Tensor]:
+    # The number of distinct rows changes with every batch, so the shapes
+    # are dynamic from the first call instead of compiled a second time.
+    # nonzero() in distinct_rows splits the step into two graphs; capturing
+    # it in one graph, or leaving distinct_rows eager, ran each step slower.
+    return torch.compile(train_step, dynamic=True)
+
+
+class FusedTrainer:
+    """Training state of the factorization machine and its optimizer step.
+
+    ``table[:, :k]`` contains the embeddings and ``table[:, k]`` the linear
+    weights, next to their Adam moments in the same rows of ``state``. The
+    last row is the zero padding row. The gradient is derived from the FM
+    formula by hand (``fm_gradients``), and the unit tests check it against
+    autograd on ``FactorizationMachine``.
+
+    With ``compiled`` the step runs through ``torch.compile`` (inductor);
+    where that fails, for example without a C++ compiler, the trainer logs a
+    warning and runs the same step eagerly.
     """
 
     def __init__(
         self,
-        table: torch.Tensor,
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-    ) -> None:
-        self.table = table
-        self.lr = lr
-        self.beta1, self.beta2 = betas
-        self.eps = eps
-        self.step_count = 0
-        self.exp_avg = torch.zeros_like(table)
-        self.exp_avg_sq = torch.zeros_like(table)
-
-    def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        """Apply one Adam step to ``table[rows]`` with gradient ``grad``."""
-        self.step_count += 1
-        correction1 = 1 - self.beta1**self.step_count
-        correction2 = 1 - self.beta2**self.step_count
-        exp_avg = self.exp_avg.index_select(0, rows)
-        exp_avg_sq = self.exp_avg_sq.index_select(0, rows)
-        exp_avg.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
-        exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        self.exp_avg.index_copy_(0, rows, exp_avg)
-        self.exp_avg_sq.index_copy_(0, rows, exp_avg_sq)
-        denominator = exp_avg_sq.div_(correction2).sqrt_().add_(self.eps)
-        update = exp_avg.div_(denominator).mul_(self.lr / correction1)
-        self.table.index_add_(0, rows, update, alpha=-1.0)
-
-
-# TODO: this step is about 4x faster per epoch than the DataLoader recipe on a
-# 2-core CPU (bench/README.md), short of 10x. About a third of its time is
-# LazyAdam's index_select/index_copy_/index_add_ on the touched rows. A
-# torch.compile of the Adam step (inductor, CPU) ran in 0.32 ms per batch
-# against about 0.55 ms eager, but it compiles for about 25 s per process and
-# rounds differently from eager, so it is not used.
-class FusedTrainer:
-    """Training state and the hand-derived FM gradient step.
-
-    ``table[:, :k]`` contains the embeddings and ``table[:, k]`` the linear
-    weights, so one gather serves both. The last row is the zero padding row.
-    The gradient is derived from the FM formula by hand, and the unit tests
-    check it against autograd on ``FactorizationMachine``.
-    """
-
-    def __init__(
-        self, model: FactorizationMachine, config: TrainConfig, *, one_hot: bool
+        model: FactorizationMachine,
+        config: TrainConfig,
+        *,
+        one_hot: bool,
+        compiled: bool = False,
     ) -> None:
         self.k = model.config.k
         self.scale = model.config.rating_scale
         self.weight_decay = config.weight_decay
+        self.one_hot = one_hot
+        self.lr = config.lr
+        self.step_count = 0
+        self.rowwise = config.optimizer == "rowwise_adam"
+        width = self.k + 1
         with torch.no_grad():
-            self.table = torch.cat(
+            weights = torch.cat(
                 [model.embedding.table.weight, model.linear.weight.table.weight],
                 dim=1,
-            ).contiguous()
-            self.bias = model.linear.global_bias.detach().clone().view(1, 1)
-        self.padding_row = model.config.n_features
-        self.one_hot = one_hot
-        self.rows_optimizer = LazyAdam(self.table, config.lr)
-        self.bias_optimizer = LazyAdam(self.bias, config.lr)
-        self._bias_row = torch.zeros(1, dtype=torch.int64)
+            )
+            columns = 2 * width + 2 if self.rowwise else 3 * width
+            self.state = torch.zeros(len(weights), columns)
+            self.state[:, :width] = weights
+            self.bias_state = torch.zeros(1, 3)
+            self.bias_state[0, 0] = model.linear.global_bias.detach()
+        self.compiled = compiled
+        self._step = _compiled_step() if compiled else train_step
 
     @property
-    def lr(self) -> float:
-        return self.rows_optimizer.lr
+    def table(self) -> torch.Tensor:
+        """Return the ``[rows, k + 1]`` view of the weights ``[v, w]``."""
+        return self.state[:, : self.k + 1]
 
     def set_lr(self, lr: float) -> None:
-        self.rows_optimizer.lr = lr
-        self.bias_optimizer.lr = lr
-
-    def _distinct_rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``torch.unique(index, return_inverse=True)`` without a sort.
-
-        Marking the touched rows of the table and counting them with a cumsum
-        gives the same sorted rows and positions in O(table rows + len(index)).
-        """
-        touched = torch.zeros(len(self.table), dtype=torch.int64)
-        touched.index_fill_(0, index, 1)
-        position = touched.cumsum(0).sub_(1)
-        rows = touched.nonzero().view(-1)
-        return rows, position.index_select(0, index)
+        self.lr = lr
 
     def gradients(
         self, index: torch.Tensor, value: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Compute the gradient of one batch, summed per touched table row.
+        """Return ``(rows, grad, bias_grad, squared_error)`` of one batch.
 
-        The loss is ``(sum_b (y_b - t_b)^2 + weight_decay * penalty) / B``
-        with the penalty of ``FactorizationMachine.forward_with_penalty``.
-        The per-slot gradient ``d_b x_i (S_b - x_i v_i) + decay v_i`` (with
-        ``S_b = sum_i x_i v_i``) is summed per row r as
-        ``sum d_b x_i S_b - (sum d_b x_i^2) v_r + decay * count_r * v_r``,
-        so no ``[B, F, k]`` tensor is built.
-
-        Returns:
-            ``(rows [U], grad [U, k + 1], bias_grad [1, 1], squared_error)``:
-            the distinct table rows of the batch, their gradients, the
-            gradient of the global bias and the summed squared error.
+        ``rows`` are the distinct table rows of the batch and ``grad`` their
+        summed gradients (see ``fm_gradients``); nothing is updated.
         """
-        batch, fields = index.shape
-        k = self.k
-        rows, flat = self._distinct_rows(index.reshape(-1))
-        inverse = flat.view(batch, fields)
-        table = self.table.index_select(0, rows)
-        vectors = table[:, :k]
-        norms = torch.linalg.vecdot(vectors, vectors)
-        weights = table[:, k]
-        slot_weights = weights.index_select(0, flat).view(batch, fields)
-        slot_norms = norms.index_select(0, flat).view(batch, fields)
-        if self.one_hot:
-            # Every x_i is 1, so the products with x are skipped.
-            summed = F.embedding_bag(inverse, vectors, mode="sum")
-            linear = slot_weights.sum(dim=1)
-            squares = slot_norms.sum(dim=1)
-        else:
-            summed = F.embedding_bag(
-                inverse, vectors, mode="sum", per_sample_weights=value
-            )
-            linear = (slot_weights * value).sum(dim=1)
-            squares = (slot_norms * value * value).sum(dim=1)
-        pairwise = 0.5 * (torch.linalg.vecdot(summed, summed) - squares)
-        probability = torch.sigmoid(self.bias.view(1) + linear + pairwise)
-        error = probability * self.scale - target
-        squared_error = torch.dot(error, error)
-
-        # d loss / d logit of the squared error through sigmoid(.) * scale.
-        d_logit = (2.0 / batch) * error * self.scale * probability * (1 - probability)
-        slot = d_logit.unsqueeze(1).expand(batch, fields)
-        if not self.one_hot:
-            slot = slot * value
-        # One index_add sums every per-slot term per row. Columns: d_b x_i S_b
-        # (k), d_b x_i (the linear weight's gradient), d_b x_i^2 and whether
-        # the slot is active (x_i != 0), the last two for the terms in v_r.
-        per_slot = torch.empty(batch, fields, k + 3)
-        torch.mul(summed.unsqueeze(1), slot.unsqueeze(2), out=per_slot[:, :, :k])
-        per_slot[:, :, k] = slot
-        if self.one_hot:
-            per_slot[:, :, k + 1] = slot
-            per_slot[:, :, k + 2] = 1.0
-        else:
-            per_slot[:, :, k + 1] = slot * value
-            per_slot[:, :, k + 2] = value != 0
-        sums = torch.zeros(len(rows), k + 3).index_add_(
-            0, flat, per_slot.view(-1, k + 3)
+        rows, flat = distinct_rows(index.reshape(-1), len(self.state))
+        grad, bias_grad, squared_error = fm_gradients(
+            self.table.index_select(0, rows),
+            self.bias_state[0, :1],
+            flat,
+            value,
+            target,
+            scale=self.scale,
+            weight_decay=self.weight_decay,
+            one_hot=self.one_hot,
         )
-        decay = 2.0 * self.weight_decay / batch
-        # Per-row factor on the row's own weights: decay * count_r for both
-        # parts, minus sum d_b x_i^2 for the embedding part only.
-        factor = (decay * sums[:, k + 2]).unsqueeze(1).repeat(1, k + 1)
-        factor[:, :k].sub_(sums[:, k + 1].unsqueeze(1))
-        grad = torch.addcmul(sums[:, : k + 1], table, factor)
-        return rows, grad, d_logit.sum().view(1, 1), squared_error
+        return rows, grad, bias_grad, squared_error
+
+    def _schedule(self) -> torch.Tensor:
+        beta1, beta2 = _BETAS
+        step = self.step_count + 1
+        return torch.tensor([self.lr / (1 - beta1**step), 1 - beta2**step])
+
+    def _run(
+        self,
+        state: torch.Tensor,
+        bias_state: torch.Tensor,
+        index: torch.Tensor,
+        value: torch.Tensor,
+        target: torch.Tensor,
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            return self._step(
+                state,
+                bias_state,
+                index,
+                value,
+                target,
+                self._schedule(),
+                scale=self.scale,
+                weight_decay=self.weight_decay,
+                one_hot=self.one_hot,
+                rowwise=self.rowwise,
+            )
+
+    def compile_now(
+        self, index: torch.Tensor, value: torch.Tensor, target: torch.Tensor
+    ) -> float:
+        """Compile the step on copies of the state; return the seconds it took.
+
+        Training then times its epochs without the one-time compile. Where
+        compiling fails the trainer falls back to the eager step.
+        """
+        if not self.compiled:
+            return 0.0
+        started = time.perf_counter()
+        try:
+            self._run(self.state.clone(), self.bias_state.clone(), index, value, target)
+        except Exception as exc:  # inductor raises many types; all mean "eager"
+            logger.warning(
+                "torch.compile of the training step failed (%s: %s); "
+                "training without it, which is slower (--no-compile skips this)",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            self.compiled = False
+            self._step = train_step
+        return time.perf_counter() - started
 
     def step(
         self, index: torch.Tensor, value: torch.Tensor, target: torch.Tensor
     ) -> float:
         """Run one optimizer step; return the summed squared error.
 
-        A non-finite error skips the update, so the caller can stop cleanly.
+        A non-finite error means the weights are broken; the caller stops
+        and saves nothing.
         """
-        rows, grad, bias_grad, squared_error = self.gradients(index, value, target)
-        error_value = float(squared_error)
-        if not math.isfinite(error_value):
-            return error_value
-        self.rows_optimizer.step(rows, grad)
-        self.bias_optimizer.step(self._bias_row, bias_grad)
-        self.table[self.padding_row].zero_()
-        return error_value
+        squared_error = self._run(self.state, self.bias_state, index, value, target)
+        self.step_count += 1
+        return float(squared_error)
 
     def copy_to(self, model: FactorizationMachine) -> None:
         """Write the current weights into ``model``."""
         with torch.no_grad():
             model.embedding.table.weight.copy_(self.table[:, : self.k])
             model.linear.weight.table.weight.copy_(self.table[:, self.k :])
-            model.linear.global_bias.copy_(self.bias.view(1))
+            model.linear.global_bias.copy_(self.bias_state[0, :1])
 
 
 def _raise_diverged(error: float, epoch: int, batch: int) -> None:
@@ -431,21 +615,24 @@ def _train_epoch(
     on_batch: BatchCallback | None,
 ) -> float:
     order = torch.randperm(len(data), generator=generator)
-    batches = math.ceil(len(data) / config.batch_size)
+    # One gather per epoch; the batches are then contiguous slices of it.
+    index = data.index.index_select(0, order)
+    value = data.value.index_select(0, order)
+    rating = data.rating.index_select(0, order)
+    size = config.batch_size
+    batches = math.ceil(len(data) / size)
     squared_error = 0.0
     seen = 0
     with torch.no_grad():
         for batch in range(batches):
-            rows = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+            start, stop = batch * size, (batch + 1) * size
             error = trainer.step(
-                data.index.index_select(0, rows),
-                data.value.index_select(0, rows),
-                data.rating.index_select(0, rows),
+                index[start:stop], value[start:stop], rating[start:stop]
             )
             if not math.isfinite(error):
                 _raise_diverged(error, epoch, batch + 1)
             squared_error += error
-            seen += len(rows)
+            seen += min(stop, len(rating)) - start
             if on_batch is not None:
                 on_batch(
                     {
@@ -489,7 +676,16 @@ def train(
     """
     config = config or TrainConfig()
     config.validate()
-    _configure_threads(config.threads)
+    with _torch_threads(config.threads):
+        return _fit(dataset, config, on_epoch, on_batch)
+
+
+def _fit(
+    dataset: MovieLensDataset,
+    config: TrainConfig,
+    on_epoch: EpochCallback | None,
+    on_batch: BatchCallback | None,
+) -> TrainResult:
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -528,7 +724,11 @@ def train(
         )
     )
     one_hot = bool((encoded.value == 1).all())
-    trainer = FusedTrainer(model, config, one_hot=one_hot)
+    trainer = FusedTrainer(model, config, one_hot=one_hot, compiled=config.compiled)
+    size = config.batch_size
+    compile_seconds = trainer.compile_now(
+        train_data.index[:size], train_data.value[:size], train_data.rating[:size]
+    )
     use_early_stopping = len(stop_data) > 0
     history: list[dict[str, Any]] = []
     best_score = math.inf
@@ -601,6 +801,9 @@ def train(
         "n_valid": len(valid_data),
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in history])),
         "cpu_seconds_per_epoch": float(np.mean([r["cpu_seconds"] for r in history])),
+        "compiled": trainer.compiled,
+        "compile_seconds": compile_seconds,
+        "threads": torch.get_num_threads(),
     }
     return TrainResult(model, vocabulary, training_data, config, metrics, held_out)
 

@@ -16,6 +16,7 @@ from esfm.model import FactorizationMachine, FMConfig
 from esfm.train import (
     MODEL_FILES,
     FusedTrainer,
+    distinct_rows,
     TrainConfig,
     save_model,
     split_ratings,
@@ -229,15 +230,96 @@ def test_save_refuses_non_model_folder(trained, tmp_path):
 
 
 def test_distinct_rows_match_unique():
-    model = FactorizationMachine(FMConfig(n_features=30, k=4, sparse=True))
-    trainer = FusedTrainer(model, TrainConfig(), one_hot=True)
     cases = [
         torch.tensor([7]),
         torch.tensor([30, 0, 30, 29, 0]),
         torch.randint(0, 31, (500,), generator=torch.Generator().manual_seed(1)),
     ]
     for index in cases:
-        rows, inverse = trainer._distinct_rows(index)
+        rows, inverse = distinct_rows(index, 31)
         expected_rows, expected_inverse = torch.unique(index, return_inverse=True)
         assert rows.tolist() == expected_rows.tolist()
         assert inverse.tolist() == expected_inverse.tolist()
+
+
+def test_rowwise_adam_matches_its_formula():
+    torch.manual_seed(0)
+    k = 3
+    state = torch.rand(2, 2 * (k + 1) + 2)
+    grad = torch.randn(2, k + 1)
+    lr, step = 0.01, 4
+    schedule = torch.tensor([lr / (1 - 0.9**step), 1 - 0.999**step])
+    updated = train_module.rowwise_adam_rows(state, grad, schedule)
+
+    param, exp_avg = state[:, : k + 1], state[:, k + 1 : 2 * k + 2]
+    row_sq, weight_sq = state[:, -2], state[:, -1]
+    expected_avg = 0.9 * exp_avg + 0.1 * grad
+    expected_row_sq = 0.999 * row_sq + 0.001 * (grad[:, :k] ** 2).mean(dim=1)
+    expected_weight_sq = 0.999 * weight_sq + 0.001 * grad[:, k] ** 2
+    second = torch.cat(
+        [expected_row_sq.unsqueeze(1).expand(-1, k), expected_weight_sq[:, None]], 1
+    )
+    expected_param = param - schedule[0] * expected_avg / (
+        (second / schedule[1]).sqrt() + 1e-8
+    )
+    assert torch.allclose(updated[:, : k + 1], expected_param, atol=1e-6)
+    assert torch.allclose(updated[:, k + 1 : 2 * k + 2], expected_avg, atol=1e-6)
+    assert torch.allclose(updated[:, -2], expected_row_sq, atol=1e-7)
+    assert torch.allclose(updated[:, -1], expected_weight_sq, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise_adam"])
+def test_each_optimizer_learns(synthetic_dataset, optimizer):
+    config = TrainConfig(**{**SMALL, "epochs": 4}, optimizer=optimizer)
+    result = train(synthetic_dataset, config)
+    history = result.metrics["epochs"]
+    assert history[-1]["train_rmse"] < history[0]["train_rmse"]
+    assert result.config.optimizer == optimizer
+
+
+def test_optimizer_defaults_fill_unset_settings():
+    assert TrainConfig().lr == train_module.OPTIMIZER_DEFAULTS["rowwise_adam"]["lr"]
+    adam = TrainConfig(optimizer="adam")
+    assert adam.weight_decay == train_module.OPTIMIZER_DEFAULTS["adam"]["weight_decay"]
+    assert TrainConfig(optimizer="adam", lr=0.5).lr == 0.5
+
+
+def test_unknown_optimizer_rejected(synthetic_dataset):
+    with pytest.raises(ConfigError, match="invalid optimizer 'sgd'"):
+        train(synthetic_dataset, TrainConfig(**SMALL, optimizer="sgd"))
+
+
+def test_compiled_step_matches_eager(synthetic_dataset):
+    eager = train(synthetic_dataset, TrainConfig(**SMALL, compiled=False))
+    compiled = train(synthetic_dataset, TrainConfig(**SMALL, compiled=True))
+    assert compiled.metrics["compiled"] is True
+    assert eager.metrics["compiled"] is False
+    # Inductor sums in another order than eager kernels, so the weights
+    # agree to rounding, not bit for bit.
+    assert compiled.metrics["valid_rmse"] == pytest.approx(
+        eager.metrics["valid_rmse"], abs=1e-4
+    )
+
+
+def test_failed_compile_falls_back_to_eager(synthetic_dataset, monkeypatch, caplog):
+    # A fake: no machine here lacks a C++ compiler, so the compiled step is
+    # replaced by one that fails the way inductor does without one.
+    def broken_compile():
+        def step(*args, **kwargs):
+            raise RuntimeError("Compiler: g++ is not found")
+
+        return step
+
+    monkeypatch.setattr(train_module, "_compiled_step", broken_compile)
+    with caplog.at_level("WARNING", logger="esfm.train"):
+        result = train(synthetic_dataset, TrainConfig(**SMALL, compiled=True))
+    assert result.metrics["compiled"] is False
+    assert "g++ is not found" in caplog.text
+    assert "--no-compile" in caplog.text
+    assert np.isfinite(result.metrics["valid_rmse"])
+
+
+def test_training_restores_torch_threads(synthetic_dataset):
+    before = torch.get_num_threads()
+    train(synthetic_dataset, TrainConfig(**SMALL))
+    assert torch.get_num_threads() == before

@@ -59,14 +59,17 @@ def test_train_then_evaluate(ml100k_dir, tmp_path, monkeypatch):
 
 
 def test_train_help_matches_defaults():
-    from esfm.train import TrainConfig
+    from esfm.train import OPTIMIZER_DEFAULTS, TrainConfig
 
     result = CliRunner().invoke(cli, ["train", "--help"])
     defaults = TrainConfig()
     text = " ".join(result.output.split())
     assert f"[default: {defaults.batch_size}]" in text
-    assert f"[default: {defaults.lr}]" in text
-    assert f"[default: {defaults.weight_decay}]" in text
+    assert f"[default: {defaults.optimizer}]" in text
+    assert f"[default: {defaults.threads}]" in text
+    for name, settings in OPTIMIZER_DEFAULTS.items():
+        assert f"{settings['lr']:g} with {name}" in text
+        assert f"{settings['weight_decay']:g} with {name}" in text
     assert f"[default: {defaults.patience}]" in text
     assert f"[default: {defaults.k}]" in text
     assert f"[default: {defaults.epochs}]" in text
