@@ -314,7 +314,7 @@ class Recommender:
         trips = round_trips
         for attempt in (1, 2):
             vector, fetch_trips = self.profile_vector(profile)
-            query_vector = [float(x) for x in vector] + [1.0]
+            query_vector = vector.tolist() + [1.0]
             if template_name == "similar_items":
                 query_vector = query_vector[:-1]
             response, path, script_id = self._search(

@@ -30,10 +30,12 @@ import json
 import logging
 import math
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
 import elasticsearch
+import orjson
 import pystache
 from elasticsearch import Elasticsearch
 
@@ -188,8 +190,8 @@ class SearchTemplate:
         """Render with parameters that ``resolve_params`` already checked."""
         text = render_mustache(self.source, params)
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
             raise TemplateError(
                 f"template {self.name!r} v{self.version} rendered invalid JSON: {exc}",
                 hint=f"inspect it with: esfm templates render {self.name}",
@@ -233,15 +235,25 @@ def _parse_cached(source: str) -> pystache.parsed.ParsedTemplate:
     return pystache.parse(source)
 
 
+_TO_JSON_MARKER = re.compile("\x00([0-9a-f]{16}):([0-9]+)\x00")
+
+
 def render_mustache(source: str, params: dict[str, Any]) -> str:
     """Render ``source`` like Elasticsearch's mustache script engine does."""
+    # pystache renders a lambda's result again as a template and Elasticsearch
+    # does not, so toJson returns a marker that the JSON replaces afterwards.
+    # The random nonce leaves values that look like a marker unchanged.
+    nonce = secrets.token_hex(8)
+    dumped: list[str] = []
 
     def to_json(text: str) -> str:
-        value = _lookup(params, text)
-        dumped = json.dumps(value, ensure_ascii=False)
-        # pystache renders a lambda's result again as a template, so braces
-        # inside string values are escaped to keep them from becoming tags.
-        return _dump_escaping_braces(value) if "{{" in dumped else dumped
+        try:
+            dumped.append(orjson.dumps(_lookup(params, text)).decode())
+        except TypeError as exc:
+            raise TemplateError(
+                f"{{{{#toJson}}}} failed to encode {text.strip()!r}: {exc}"
+            ) from exc
+        return f"\x00{nonce}:{len(dumped) - 1}\x00"
 
     def join(text: str) -> str:
         value = _lookup(params, text)
@@ -253,24 +265,18 @@ def render_mustache(source: str, params: dict[str, Any]) -> str:
     context["toJson"] = to_json
     context["join"] = join
     try:
-        return _RENDERER.render(_parse_cached(source), context)
+        text = _RENDERER.render(_parse_cached(source), context)
     except pystache.context.KeyNotFoundError as exc:
         raise TemplateError(f"template refers to an unknown parameter: {exc}") from exc
+    if not dumped:
+        return text
 
+    def replace(match: re.Match[str]) -> str:
+        if match.group(1) != nonce:
+            return match.group(0)
+        return dumped[int(match.group(2))]
 
-def _dump_escaping_braces(value: Any) -> str:
-    """Dump ``value`` as JSON with braces escaped inside strings only."""
-    if isinstance(value, str):
-        return json.dumps(value).replace("{", "\\u007b").replace("}", "\\u007d")
-    if isinstance(value, list):
-        return "[" + ", ".join(_dump_escaping_braces(item) for item in value) + "]"
-    if isinstance(value, dict):
-        items = (
-            f"{_dump_escaping_braces(str(key))}: {_dump_escaping_braces(item)}"
-            for key, item in value.items()
-        )
-        return "{" + ", ".join(items) + "}"
-    return json.dumps(value)
+    return _TO_JSON_MARKER.sub(replace, text)
 
 
 def parse_template(path: Path) -> SearchTemplate:

@@ -102,7 +102,7 @@ def test_known_user_runs_its_template(recommender, model):
     again = recommender.known_user(user, k=10)
     # Same age, gender and occupation: only the user document is new.
     same_metadata = recommender.known_user(twin, k=10)
-    assert first.template == "esfm-known_user-v1"
+    assert first.template == "esfm-known_user-v2"
     assert first.round_trips == 3
     assert again.round_trips == 1
     assert same_metadata.round_trips == 2
@@ -129,7 +129,7 @@ def test_cold_start_genre_and_exclude(recommender, model):
     outcome = recommender.cold_start_outcome(
         gender="F", age="25", occupation="4", k=6, exclude=["1"], genres=list(genres)
     )
-    assert outcome.template == "esfm-cold_start-v1"
+    assert outcome.template == "esfm-cold_start-v2"
     assert_same_ranking(
         outcome, model_ranking(model, profile, 6, exclude=("1",), genres=genres)
     )
@@ -174,7 +174,7 @@ def test_unpushed_known_user_rejected(es_client, alias, model, tmp_path):
     folder = tmp_path / "templates"
     shutil.copytree(TEMPLATES, folder)
     path = folder / "known_user.mustache"
-    path.write_text(path.read_text().replace("version: 1", "version: 9999", 1))
+    path.write_text(path.read_text().replace("version: 2", "version: 9999", 1))
     recommender = Recommender(es_client, alias, templates_dir=folder)
     user = sorted(model.users, key=int)[0]
     with pytest.raises(QueryError, match="esfm-known_user-v9999 is not pushed"):
@@ -210,16 +210,16 @@ def test_diff_states(es_client, alias, tmp_path):
         diff.script_id: diff
         for diff in diff_templates(es_client, load_templates(folder))
     }
-    assert diffs["esfm-cold_start-v1"].state == "differs"
+    assert diffs["esfm-cold_start-v2"].state == "differs"
     assert (
-        diffs["esfm-cold_start-v1"].file_checksum
-        != diffs["esfm-cold_start-v1"].cluster_checksum
+        diffs["esfm-cold_start-v2"].file_checksum
+        != diffs["esfm-cold_start-v2"].cluster_checksum
     )
     assert diffs[f"esfm-{fresh}-v1"].state == "only in files"
     assert diffs[f"esfm-{fresh}-v1"].cluster_checksum is None
     # Pushed, but no file in this folder: "only on cluster".
     for name in ("known_user", "similar_items"):
-        diff = diffs[f"esfm-{name}-v1"]
+        diff = diffs[f"esfm-{name}-v2"]
         assert diff.state == "only on cluster"
         assert diff.file_checksum is None
         assert diff.stored_script is None
@@ -251,7 +251,7 @@ def test_render_on_cluster_needs_mustache(es_client):
     template = load_templates(TEMPLATES)["known_user"]
     if server_info(es_client).has_mustache:
         body = render_on_cluster(es_client, template, {"query_vector": [1.0]})
-        assert body["knn"]["field"] == "rank_vector"
+        assert body["query"]["knn"]["field"] == "rank_vector"
         return
     with pytest.raises(TemplateError, match="no lang-mustache"):
         render_on_cluster(es_client, template, {"query_vector": [1.0]})

@@ -294,10 +294,10 @@ def test_template_injection_stays_a_value(payload):
     template = get_template(TEMPLATES, "cold_start")
     body = template.render({"query_vector": [0.5, 0.5], "exclude_movies": [payload]})
     clean = template.render({"query_vector": [0.5, 0.5], "exclude_movies": ["1"]})
-    must_not = body["knn"]["filter"]["bool"]["must_not"]
+    must_not = body["query"]["knn"]["filter"]["bool"]["must_not"]
     assert must_not == [{"terms": {"value": [payload]}}]
     assert set(body) == set(clean)
-    assert set(body["knn"]) == set(clean["knn"])
+    assert set(body["query"]["knn"]) == set(clean["query"]["knn"])
 
 
 @settings(max_examples=60, deadline=None)
@@ -305,7 +305,7 @@ def test_template_injection_stays_a_value(payload):
 def test_template_strings_never_change_structure(values):
     template = get_template(TEMPLATES, "cold_start")
     body = template.render({"query_vector": [1.0], "exclude_movies": values})
-    assert body["knn"]["filter"]["bool"]["must_not"][0]["terms"]["value"] == values
+    assert body["query"]["knn"]["filter"]["bool"]["must_not"][0]["terms"]["value"] == values
 
 
 PROFILE_CASES = {

@@ -142,11 +142,11 @@ def test_params_fit_every_template(recommender, template, params):
     )
     loaded = load_templates(PACKAGED_PROJECT / "templates")[template]
     rendered = loaded.render({**query_params, "query_vector": [0.5, 1.0]})
-    assert rendered["knn"]["k"] == query_params["k"]
-    assert rendered["knn"]["num_candidates"] == query_params["num_candidates"]
-    must_not = rendered["knn"]["filter"]["bool"]["must_not"]
+    assert rendered["query"]["knn"]["k"] == query_params["k"]
+    assert rendered["query"]["knn"]["num_candidates"] == query_params["num_candidates"]
+    must_not = rendered["query"]["knn"]["filter"]["bool"]["must_not"]
     assert must_not == [{"terms": {"value": query_params["exclude_movies"]}}]
-    filters = rendered["knn"]["filter"]["bool"]["filter"]
+    filters = rendered["query"]["knn"]["filter"]["bool"]["filter"]
     if query_params["filter_genres"]:
         assert {"terms": {"genres": query_params["genres"]}} in filters
     else:

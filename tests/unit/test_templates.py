@@ -16,18 +16,18 @@ COLD_START = TEMPLATES["cold_start"]
 
 def test_shipped_templates_parse():
     assert {"cold_start", "similar_items"} <= set(TEMPLATES)
-    assert COLD_START.version == 1
-    assert COLD_START.script_id == "esfm-cold_start-v1"
+    assert COLD_START.version == 2
+    assert COLD_START.script_id == "esfm-cold_start-v2"
     assert COLD_START.params["query_vector"].required
 
 
 def test_cold_start_renders_knn_body():
     body = COLD_START.render({"query_vector": [0.5, -1.0, 1.0], "k": 5})
     assert body["size"] == 5
-    assert body["knn"]["field"] == "rank_vector"
-    assert body["knn"]["query_vector"] == [0.5, -1.0, 1.0]
-    assert body["knn"]["k"] == 5
-    assert body["knn"]["filter"]["bool"]["filter"] == [
+    assert body["query"]["knn"]["field"] == "rank_vector"
+    assert body["query"]["knn"]["query_vector"] == [0.5, -1.0, 1.0]
+    assert body["query"]["knn"]["k"] == 5
+    assert body["query"]["knn"]["filter"]["bool"]["filter"] == [
         {"term": {"feature_type": "movie"}}
     ]
 
@@ -36,7 +36,7 @@ def test_genre_filter_is_optional():
     body = COLD_START.render(
         {"query_vector": [1.0], "filter_genres": True, "genres": ["Horror"]}
     )
-    filters = body["knn"]["filter"]["bool"]["filter"]
+    filters = body["query"]["knn"]["filter"]["bool"]["filter"]
     assert {"terms": {"genres": ["Horror"]}} in filters
 
 
@@ -74,8 +74,8 @@ def test_ill_typed_parameter(name, value, message):
 @given(st.lists(st.text(), max_size=5))
 def test_string_parameters_cannot_change_structure(values):
     body = COLD_START.render({"query_vector": [1.0, 2.0], "exclude_movies": values})
-    assert body["knn"]["filter"]["bool"]["must_not"] == [{"terms": {"value": values}}]
-    assert set(body) == {"size", "_source", "knn"}
+    assert body["query"]["knn"]["filter"]["bool"]["must_not"] == [{"terms": {"value": values}}]
+    assert set(body) == {"size", "_source", "track_total_hits", "query"}
 
 
 @given(st.text())
@@ -93,7 +93,7 @@ def test_injection_through_tag_syntax():
         {"query_vector": [1.0], "exclude_movies": ['x"]}}, "size": 9999, "a": {{k}}']}
     )
     assert body["size"] == 10
-    assert body["knn"]["filter"]["bool"]["must_not"][0]["terms"]["value"] == [
+    assert body["query"]["knn"]["filter"]["bool"]["must_not"][0]["terms"]["value"] == [
         'x"]}}, "size": 9999, "a": {{k}}'
     ]
 
@@ -112,3 +112,18 @@ def test_header_errors(tmp_path):
     path.write_text("{{!\nname: broken\nversion: 1\nparam k: integer\n}}\n{}")
     with pytest.raises(TemplateError, match="not a valid parameter"):
         parse_template(path)
+
+
+def test_to_json_output_is_not_rendered_again():
+    values = ["{{k}}", "a\x00b", "\x00deadbeef:0\x00", 'quote " and {{#join}}x{{/join}}']
+    rendered = render_mustache(
+        '{"v": {{#toJson}}values{{/toJson}}, "k": {{k}}}', {"values": values, "k": 3}
+    )
+    assert json.loads(rendered) == {"v": values, "k": 3}
+
+
+def test_to_json_twice_in_one_template():
+    rendered = render_mustache(
+        "[{{#toJson}}a{{/toJson}}, {{#toJson}}b{{/toJson}}]", {"a": [1.5], "b": {"x": 2}}
+    )
+    assert json.loads(rendered) == [[1.5], {"x": 2}]
