@@ -870,7 +870,6 @@ def model_documents(result: TrainResult) -> tuple[dict[str, np.ndarray], dict]:
         else ["movie"],
         "user_side_features": ["user", "age", "gender", "occupation"],
         "regularization": "l2_on_touched_rows",
-        "optimizer": "lazy_adam",
         "cold_start": {
             "holdout_fraction": result.config.cold_start_holdout,
             "seed": result.config.seed,

@@ -54,7 +54,7 @@ def test_ml100k_beats_global_mean(ml100k_dir):
 def test_ml100k_deterministic(ml100k_dir):
     dataset = load_movielens(ml100k_dir)
     subset = dataset.subset_users(range(1, 201))
-    config = TrainConfig(k=8, epochs=2, batch_size=512, lr=5e-3, seed=3, threads=2)
+    config = TrainConfig(k=8, epochs=2, batch_size=512, lr=5e-3, seed=3)
     rmse = [round(train(subset, config).metrics["valid_rmse"], 4) for _ in range(2)]
     assert rmse[0] == rmse[1]
 
@@ -323,3 +323,12 @@ def test_training_restores_torch_threads(synthetic_dataset):
     before = torch.get_num_threads()
     train(synthetic_dataset, TrainConfig(**SMALL))
     assert torch.get_num_threads() == before
+
+
+def test_saved_config_names_the_optimizer(synthetic_dataset, tmp_path):
+    result = train(synthetic_dataset, TrainConfig(**SMALL, optimizer="adam"))
+    config = json.loads(
+        (save_model(result, tmp_path / "m") / "config.json").read_text()
+    )
+    assert config["optimizer"] == "adam"
+    assert config["lr"] == SMALL["lr"]
