@@ -85,12 +85,32 @@ def swap_alias(
         ) from exc
 
 
+def check_single_name(name: str) -> None:
+    """Raise MigrationError if ``name`` could match more than one index.
+
+    Elasticsearch expands ``*`` and ``?``, comma lists, ``_all`` and a
+    leading ``-``, so such a name could mix the documents of several models.
+    """
+    if not name or any(char in name for char in "*?,") or name == "_all":
+        raise MigrationError(
+            f"{name!r} is a pattern or a list, not one alias or index",
+            hint="give the name of one alias or index, without * ? , or _all",
+        )
+    if name.startswith("-"):
+        raise MigrationError(
+            f"{name!r} starts with '-', which Elasticsearch reads as an exclusion",
+            hint="give the name of one alias or index",
+        )
+
+
 def resolve_index(client: Elasticsearch, name: str) -> str:
     """Return the concrete index for ``name``, an alias or an index name.
 
     Raises:
-        MigrationError: neither an alias nor an index has that name.
+        MigrationError: neither an alias nor an index has that name, or the
+            name is a pattern or a list that could match several indices.
     """
+    check_single_name(name)
     with cluster_errors(client, f"resolving {name}"):
         try:
             response = client.indices.get_alias(name=name)

@@ -274,12 +274,29 @@ def resolve_settings(
     if values.get("ssl_fingerprint"):
         values["ssl_fingerprint"] = _normalize_fingerprint(values["ssl_fingerprint"])
     _reject_url_credentials(str(values["url"]))
-    if not str(values["url"]).startswith(("http://", "https://")):
+    _check_url(str(values["url"]))
+    return ConnectionSettings(**values)
+
+
+def _check_url(url: str) -> None:
+    """Raise ConfigError unless ``url`` is an http(s) URL with a valid host and port."""
+    problem = None
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https"):
+            problem = "it must start with http:// or https://"
+        elif not parsed.hostname:
+            problem = "it has no host"
+        else:
+            # Reading the port raises ValueError when it is not a number in range.
+            _ = parsed.port
+    except ValueError as exc:
+        problem = str(exc)
+    if problem is not None:
         raise ConfigError(
-            f"invalid cluster URL {values['url']!r}",
+            f"invalid cluster URL {url!r}: {problem}",
             hint="use http://HOST:PORT or https://HOST:PORT",
         )
-    return ConnectionSettings(**values)
 
 
 def _reject_url_credentials(url: str) -> None:

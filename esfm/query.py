@@ -144,6 +144,7 @@ class Recommender:
             raise QueryError(
                 f"unknown ranking method {method!r}", hint=f"use one of {METHODS}"
             )
+        aliases.check_single_name(alias)
         self.client = client
         self.alias = alias
         self.method = method

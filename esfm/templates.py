@@ -182,6 +182,25 @@ class SearchTemplate:
                 resolved[name] = param.default
         return resolved
 
+    def sample_params(self) -> dict[str, Any]:
+        """Return a value for every required parameter, to test-render with."""
+        samples = {
+            "int": 1,
+            "float": 0.0,
+            "str": "",
+            "bool": False,
+            "vector": [0.0],
+            "list[str]": [],
+        }
+        values = {}
+        for name, param in self.params.items():
+            if param.required:
+                value = samples[param.type]
+                if param.minimum is not None and param.type in ("int", "float"):
+                    value = max(value, param.minimum)
+                values[name] = value
+        return values
+
     def render(self, values: dict[str, Any]) -> dict[str, Any]:
         """Render the search body locally, with Elasticsearch's mustache semantics."""
         return self.render_resolved(self.resolve_params(values))
@@ -268,6 +287,8 @@ def render_mustache(source: str, params: dict[str, Any]) -> str:
         text = _RENDERER.render(_parse_cached(source), context)
     except pystache.context.KeyNotFoundError as exc:
         raise TemplateError(f"template refers to an unknown parameter: {exc}") from exc
+    except pystache.parser.ParsingError as exc:
+        raise TemplateError(f"template has invalid mustache syntax: {exc}") from exc
     if not dumped:
         return text
 
@@ -317,15 +338,26 @@ def parse_template_source(source: str, path: Path) -> SearchTemplate:
         raise TemplateError(
             f"{path}: header name {fields['name']!r} differs from the file name"
         )
-    if not fields["version"].isdigit():
-        raise TemplateError(f"{path}: version {fields['version']!r} is not a number")
-    return SearchTemplate(
+    if not fields["version"].isdigit() or int(fields["version"]) < 1:
+        raise TemplateError(
+            f"{path}: version {fields['version']!r} is not a positive integer"
+        )
+    template = SearchTemplate(
         name=fields["name"],
         version=int(fields["version"]),
         description=fields.get("description", ""),
         params=params,
         source=source,
     )
+    try:
+        template.render(template.sample_params())
+    except TemplateError as exc:
+        raise TemplateError(
+            f"{path}: the template does not render with its default parameters: "
+            f"{exc.message}",
+            hint="fix the mustache tags or the JSON around them",
+        ) from exc
+    return template
 
 
 def _parse_param(path: Path, number: int, line: str) -> TemplateParam:
@@ -549,6 +581,30 @@ class TemplateDiff:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def search_template_drift(
+    client: Elasticsearch, templates: dict[str, SearchTemplate]
+) -> list[str]:
+    """Return one sentence per template file version the cluster does not serve.
+
+    A version that was never pushed, or was pushed with another source, is
+    drift: queries that need it fail until ``esfm templates push``. Older
+    versions left on the cluster are not drift.
+    """
+    findings = []
+    for diff in diff_templates(client, templates):
+        if diff.state == "only in files":
+            findings.append(
+                f"search template {diff.name} v{diff.version} is not pushed "
+                "(run: esfm templates push)"
+            )
+        elif diff.state == "differs" or diff.stored_script is False:
+            findings.append(
+                f"search template {diff.name} v{diff.version} differs from "
+                f"{diff.script_id} on the cluster (give the file a new version)"
+            )
+    return findings
 
 
 def stored_script_source(client: Elasticsearch, script_id: str) -> str | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import glob
 import json
 import logging
 import math
@@ -69,6 +70,11 @@ BatchCallback = Callable[[dict[str, Any]], None]
 _EVAL_BATCH = 65536
 MODEL_FILES = ("model.safetensors", "vocabulary.json", "config.json", "metrics.json")
 
+
+# Elasticsearch's dense_vector takes at most 4096 dimensions, and rank_vector
+# has k + 1 of them.
+MAX_K = 4095
+MAX_THREADS = 1024
 
 # Learning rate and L2 strength of each optimizer, chosen by the
 # early-stopping RMSE on MovieLens 1M (bench/README.md lists the runs).
@@ -147,15 +153,24 @@ class TrainConfig:
                 + ", ".join(OPTIMIZER_DEFAULTS)
             )
         checks = [
-            ("k", self.k >= 1, "a positive integer"),
+            ("k", 1 <= self.k <= MAX_K, f"an integer from 1 to {MAX_K}"),
             ("epochs", self.epochs >= 1, "a positive integer"),
             ("batch_size", self.batch_size >= 1, "a positive integer"),
             ("lr", self.lr > 0 and math.isfinite(self.lr), "a positive number"),
-            ("weight_decay", self.weight_decay >= 0, "zero or more"),
+            (
+                "weight_decay",
+                self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+                "a finite number, zero or more",
+            ),
             ("lr_decay_epoch", self.lr_decay_epoch >= 0, "zero or more"),
             ("lr_decay", self.lr_decay > 0, "a positive number"),
             ("init_std", self.init_std > 0, "a positive number"),
-            ("threads", self.threads is None or self.threads >= 1, "1 or more"),
+            (
+                "threads",
+                self.threads is None or 1 <= self.threads <= MAX_THREADS,
+                f"from 1 to {MAX_THREADS}",
+            ),
+            ("seed", 0 <= self.seed < 2**32, "an integer from 0 to 2**32 - 1"),
             ("patience", self.patience is None or self.patience >= 1, "1 or more"),
             ("valid_fraction", 0 < self.valid_fraction < 1, "between 0 and 1"),
             (
@@ -568,11 +583,15 @@ class FusedTrainer:
         try:
             self._run(self.state.clone(), self.bias_state.clone(), index, value, target)
         except Exception as exc:  # inductor raises many types; all mean "eager"
+            root = exc
+            while root.__cause__ is not None:
+                root = root.__cause__
+            lines = [line.strip() for line in str(root).splitlines() if line.strip()]
             logger.warning(
-                "torch.compile of the training step failed (%s: %s); "
-                "training without it, which is slower (--no-compile skips this)",
-                type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
+                "torch.compile of the training step failed (%s: %s); training "
+                "without it, about half as fast (--no-compile skips the attempt)",
+                type(root).__name__,
+                lines[0] if lines else "no message",
             )
             self.compiled = False
             self._step = train_step
@@ -676,6 +695,13 @@ def train(
     """
     config = config or TrainConfig()
     config.validate()
+    cpus = os.cpu_count() or 1
+    if config.threads is not None and config.threads > cpus:
+        logger.warning(
+            "threads=%d is more than the %d CPUs here, which slows training down",
+            config.threads,
+            cpus,
+        )
     with _torch_threads(config.threads):
         return _fit(dataset, config, on_epoch, on_batch)
 
@@ -697,11 +723,24 @@ def _fit(
         )
         held_out = [int(user) for user in held]
         keep = np.setdiff1d(dataset.users.index.to_numpy(), held)
+        if len(keep) == 0:
+            raise ConfigError(
+                f"invalid cold_start_holdout {config.cold_start_holdout!r}: it "
+                f"holds out all {len(held)} users, so none is left to train on",
+                hint="hold out a smaller share, such as 0.1",
+            )
         training_data = dataset.subset_users(keep)
 
     vocabulary = build_vocabulary(training_data, genres=config.genres)
     encoded = encode_ratings(training_data, vocabulary)
     split = split_ratings(len(encoded.rating), config)
+    if len(split.train) == 0:
+        raise ConfigError(
+            f"no ratings are left to train on: {len(encoded.rating)} ratings "
+            f"minus the validation ({config.valid_fraction}) and early-stopping "
+            f"({config.early_stopping_fraction}) shares",
+            hint="use more data or smaller shares",
+        )
     train_data = _Tensors(encoded, split.train)
     stop_data = _Tensors(encoded, split.early_stopping)
     valid_data = _Tensors(encoded, split.valid)
@@ -802,7 +841,7 @@ def _fit(
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in history])),
         "cpu_seconds_per_epoch": float(np.mean([r["cpu_seconds"] for r in history])),
         "compiled": trainer.compiled,
-        "compile_seconds": compile_seconds,
+        "compile_seconds": compile_seconds if trainer.compiled else None,
         "threads": torch.get_num_threads(),
     }
     return TrainResult(model, vocabulary, training_data, config, metrics, held_out)
@@ -900,8 +939,68 @@ def _fsync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
-def _looks_like_model(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+def check_model_destination(directory: str | os.PathLike[str]) -> Path:
+    """Return ``directory`` as an absolute path if a model may be written there.
+
+    A model may go into a missing or empty folder, or replace a folder that
+    contains only model files. Anything else is refused, so a save never
+    deletes other files. A probe folder checks that the parent is writable.
+
+    Raises:
+        ModelError: the destination cannot take a model.
+    """
+    target = Path(os.path.abspath(os.fspath(directory)))
+    if not target.name:
+        raise ModelError(
+            f"cannot write a model to {str(target)!r}",
+            hint="choose a folder below it for --out",
+        )
+    if target.exists():
+        if not target.is_dir():
+            raise ModelError(
+                f"{str(target)!r} is a file, not a folder",
+                hint="choose a new or existing model folder for --out",
+            )
+        entries = sorted(entry.name for entry in target.iterdir())
+        others = [name for name in entries if name not in MODEL_FILES]
+        if others or (entries and "config.json" not in entries):
+            listed = ", ".join(others[:3]) or ", ".join(entries[:3])
+            raise ModelError(
+                f"{str(target)!r} is not empty and is not a model folder "
+                f"(it contains {listed}); refusing to replace it",
+                hint="choose another --out or empty the folder",
+            )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=target.parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot create {str(target)!r}: {exc.strerror or exc}",
+            hint="choose a folder you can write to",
+        ) from exc
+    return target
+
+
+def _remove_stale_old_models(target: Path) -> None:
+    """Delete ``.NAME.old-PID`` folders that an interrupted save left behind."""
+    for path in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            logger.info("removing %s, left by an interrupted save", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_model(result: TrainResult, directory: str | os.PathLike[str]) -> Path:
@@ -910,23 +1009,19 @@ def save_model(result: TrainResult, directory: str | os.PathLike[str]) -> Path:
     Files go into a temporary sibling directory, each fsynced, and the
     directory is renamed into place. An existing model at ``directory`` is
     renamed aside first and deleted only after the new one is in place, so
-    an interrupted save leaves either the old or the new model.
+    an interrupted save leaves either the old or the new model. A renamed
+    old model that an interrupted save could not delete is removed by the
+    next save to the same place.
 
     Returns:
-        The model directory.
+        The model directory, as an absolute path.
 
     Raises:
         ModelError: ``directory`` exists but is not a model directory, or the
             write failed.
     """
-    target = Path(directory)
-    if target.exists() and not _looks_like_model(target):
-        if not target.is_dir() or any(target.iterdir()):
-            raise ModelError(
-                f"{str(target)!r} exists and is not a model directory; "
-                "refusing to replace it",
-                hint="choose another --out or remove the folder",
-            )
+    target = check_model_destination(directory)
+    _remove_stale_old_models(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _, documents = model_documents(result)
 

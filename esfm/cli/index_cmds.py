@@ -32,6 +32,7 @@ from esfm.templates import (
     load_templates,
     push_templates,
     registry_entries,
+    search_template_drift,
 )
 from esfm.validate import ValidationReport, require_valid, validate_index
 
@@ -94,6 +95,9 @@ def _drift_report(client, alias: str, mapping: str, project: str | None) -> Drif
     report = check_drift(client, alias, root.mappings_dir, mapping)
     report.template_drift = index_templates.template_drift(
         client, index_templates.load_definitions(root.root)
+    )
+    report.template_drift.extend(
+        search_template_drift(client, load_templates(root.templates_dir))
     )
     return report
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from esfm.cli.common import console, handle_errors, json_option, print_json
-from esfm.errors import ConfigError, ModelError
+from esfm.errors import ConfigError
 
 _DATA_HELP = "MovieLens folder (ml-1m or ml-100k files); defaults to $ESFM_DATA."
 
@@ -71,28 +69,9 @@ def _epoch_table(metrics: dict[str, Any]) -> Table:
 
 def check_model_destination(out: Path) -> None:
     """Raise ModelError now if --out cannot take a model, before training starts."""
-    target = Path(out)
-    if target.exists():
-        if not target.is_dir():
-            raise ModelError(
-                f"--out {str(target)!r} is a file, not a folder",
-                hint="choose a new or existing model folder for --out",
-            )
-        if any(target.iterdir()) and not (target / "config.json").is_file():
-            raise ModelError(
-                f"--out {str(target)!r} is a non-empty folder that contains no model",
-                hint="choose another --out or empty the folder",
-            )
-    # Probe with the same kind of sibling folder that the atomic save makes.
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=target.parent)
-        os.rmdir(probe)
-    except OSError as exc:
-        raise ModelError(
-            f"cannot create --out {str(target)!r}: {exc.strerror or exc}",
-            hint="choose a folder you can write to",
-        ) from exc
+    from esfm.train import check_model_destination as check
+
+    check(out)
 
 
 @click.command()

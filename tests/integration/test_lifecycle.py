@@ -32,6 +32,7 @@ from esfm.migrate import (
 )
 from esfm.project import PACKAGED_PROJECT
 from esfm.query import Recommender
+from esfm.templates import load_templates, push_templates
 from esfm.train import TrainConfig, save_model, train
 
 ESFM_CLI = Path(sys.executable).with_name("esfm")
@@ -247,6 +248,7 @@ def test_check_clean_then_pending(
     index_templates.push_definitions(
         es_client, index_templates.load_definitions(project)
     )
+    push_templates(es_client, load_templates(project / "templates"))
     clean = _check(es_client, project, alias)
     assert clean.exit_code == 0, clean.output
     assert "no pending versions, no drift" in _text(clean)
@@ -255,6 +257,19 @@ def test_check_clean_then_pending(
     pending = _check(es_client, project, alias)
     assert pending.exit_code == 1
     assert "pending mapping version(s) v2 (live is v1)" in _text(pending)
+
+
+def test_check_finds_unpushed_search_template(es_client, model_a, project, alias):
+    _migrate(es_client, model_a, project, alias)
+    # The registry is shared by the whole cluster, so a fresh name is the
+    # only version that no other test has pushed.
+    fresh = f"check_{uuid.uuid4().hex[:8]}"
+    (project / "templates" / f"{fresh}.mustache").write_text(
+        f"{{{{!\nname: {fresh}\nversion: 3\n}}}}\n{{}}\n"
+    )
+    result = _check(es_client, project, alias)
+    assert result.exit_code == 1
+    assert f"search template {fresh} v3 is not pushed" in _text(result)
 
 
 def test_check_finds_edited_file(es_client, model_a, project, alias):

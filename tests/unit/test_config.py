@@ -224,7 +224,18 @@ def test_private_file_does_not_warn(tmp_path, caplog):
     assert caplog.records == []
 
 
-@pytest.mark.parametrize("url", ["localhost:9200", "ftp://x:9200", "127.0.0.1"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "localhost:9200",
+        "ftp://x:9200",
+        "127.0.0.1",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:abc",
+        "http://[::1",
+        "http://",
+    ],
+)
 def test_invalid_url_rejected(url):
     with pytest.raises(ConfigError) as caught:
         resolve_settings(environ={}, url=url)

@@ -305,7 +305,10 @@ def test_template_injection_stays_a_value(payload):
 def test_template_strings_never_change_structure(values):
     template = get_template(TEMPLATES, "cold_start")
     body = template.render({"query_vector": [1.0], "exclude_movies": values})
-    assert body["query"]["knn"]["filter"]["bool"]["must_not"][0]["terms"]["value"] == values
+    assert (
+        body["query"]["knn"]["filter"]["bool"]["must_not"][0]["terms"]["value"]
+        == values
+    )
 
 
 PROFILE_CASES = {

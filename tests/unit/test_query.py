@@ -9,7 +9,7 @@ from elasticsearch import Elasticsearch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from esfm.errors import QueryError
+from esfm.errors import MigrationError, QueryError
 from esfm.project import PACKAGED_PROJECT
 from esfm.query import (
     MAX_K,
@@ -196,3 +196,9 @@ def test_recommendation_to_dict():
         "score": 2.0,
         "rank_value": pytest.approx(1.0),
     }
+
+
+@pytest.mark.parametrize("alias", ["recsys-*", "a,b", "_all", "rec?ys", "-recsys", ""])
+def test_recommender_rejects_patterns(alias):
+    with pytest.raises(MigrationError, match="alias or index"):
+        Recommender(Elasticsearch("http://127.0.0.1:9"), alias)

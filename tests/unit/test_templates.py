@@ -74,7 +74,9 @@ def test_ill_typed_parameter(name, value, message):
 @given(st.lists(st.text(), max_size=5))
 def test_string_parameters_cannot_change_structure(values):
     body = COLD_START.render({"query_vector": [1.0, 2.0], "exclude_movies": values})
-    assert body["query"]["knn"]["filter"]["bool"]["must_not"] == [{"terms": {"value": values}}]
+    assert body["query"]["knn"]["filter"]["bool"]["must_not"] == [
+        {"terms": {"value": values}}
+    ]
     assert set(body) == {"size", "_source", "track_total_hits", "query"}
 
 
@@ -104,7 +106,7 @@ def test_header_errors(tmp_path):
     with pytest.raises(TemplateError, match="no .* header"):
         parse_template(path)
     path.write_text("{{!\nname: broken\nversion: x\n}}\n{}")
-    with pytest.raises(TemplateError, match="version 'x' is not a number"):
+    with pytest.raises(TemplateError, match="version 'x' is not a positive integer"):
         parse_template(path)
     path.write_text("{{!\nname: other\nversion: 1\n}}\n{}")
     with pytest.raises(TemplateError, match="differs from the file name"):
@@ -115,7 +117,12 @@ def test_header_errors(tmp_path):
 
 
 def test_to_json_output_is_not_rendered_again():
-    values = ["{{k}}", "a\x00b", "\x00deadbeef:0\x00", 'quote " and {{#join}}x{{/join}}']
+    values = [
+        "{{k}}",
+        "a\x00b",
+        "\x00deadbeef:0\x00",
+        'quote " and {{#join}}x{{/join}}',
+    ]
     rendered = render_mustache(
         '{"v": {{#toJson}}values{{/toJson}}, "k": {{k}}}', {"values": values, "k": 3}
     )
@@ -124,6 +131,34 @@ def test_to_json_output_is_not_rendered_again():
 
 def test_to_json_twice_in_one_template():
     rendered = render_mustache(
-        "[{{#toJson}}a{{/toJson}}, {{#toJson}}b{{/toJson}}]", {"a": [1.5], "b": {"x": 2}}
+        "[{{#toJson}}a{{/toJson}}, {{#toJson}}b{{/toJson}}]",
+        {"a": [1.5], "b": {"x": 2}},
     )
     assert json.loads(rendered) == [[1.5], {"x": 2}]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"size": {{k}', "rendered invalid JSON"),
+        ('{"size": 1{{/k}}}', "invalid mustache syntax"),
+        ('{"size": {{k}} "from": 1}', "rendered invalid JSON"),
+        ('{"size": {{nope}}}', "unknown parameter"),
+        ("{{#toJson}}nope{{/toJson}}", "unknown parameter 'nope'"),
+    ],
+)
+def test_template_that_cannot_render_rejected_at_load(tmp_path, body, message):
+    path = tmp_path / "broken.mustache"
+    path.write_text(
+        "{{!\nname: broken\nversion: 1\nparam k: int = 10\n}}\n" + body, "utf-8"
+    )
+    with pytest.raises(TemplateError, match="does not render with its default"):
+        load_templates(tmp_path)
+    with pytest.raises(TemplateError, match=message):
+        load_templates(tmp_path)
+
+
+def test_version_zero_rejected(tmp_path):
+    (tmp_path / "zero.mustache").write_text("{{!\nname: zero\nversion: 0\n}}\n{}")
+    with pytest.raises(TemplateError, match="version '0' is not a positive integer"):
+        load_templates(tmp_path)

@@ -12,12 +12,10 @@ import torch
 import esfm.train as train_module
 from esfm.data import load_movielens
 from esfm.errors import ConfigError, ModelError, TrainingError
-from esfm.model import FactorizationMachine, FMConfig
 from esfm.train import (
     MODEL_FILES,
-    FusedTrainer,
-    distinct_rows,
     TrainConfig,
+    distinct_rows,
     save_model,
     split_ratings,
     train,
@@ -83,6 +81,28 @@ def test_invalid_config_rejected(synthetic_dataset):
         train(synthetic_dataset, TrainConfig(batch_size=0))
     with pytest.raises(ConfigError, match="invalid valid_fraction"):
         TrainConfig(valid_fraction=1.5).validate()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("seed", -1),
+        ("seed", 2**70),
+        ("threads", 10**20),
+        ("k", 10**20),
+        ("k", 4096),
+        ("weight_decay", float("inf")),
+    ],
+)
+def test_out_of_range_setting_rejected(setting, value):
+    with pytest.raises(ConfigError, match=f"invalid {setting} "):
+        TrainConfig(**{setting: value}).validate()
+
+
+def test_holdout_of_every_user_rejected(synthetic_dataset):
+    config = TrainConfig(**SMALL, cold_start_holdout=0.9999)
+    with pytest.raises(ConfigError, match="none is left to train on"):
+        train(synthetic_dataset, config)
 
 
 def test_split_is_disjoint_and_complete():
@@ -224,7 +244,7 @@ def test_save_refuses_non_model_folder(trained, tmp_path):
     target = tmp_path / "documents"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
-    with pytest.raises(ModelError, match="is not a model directory"):
+    with pytest.raises(ModelError, match="is not a model folder"):
         save_model(trained, target)
     assert (target / "notes.txt").read_text() == "keep me"
 
@@ -306,7 +326,9 @@ def test_failed_compile_falls_back_to_eager(synthetic_dataset, monkeypatch, capl
     # replaced by one that fails the way inductor does without one.
     def broken_compile():
         def step(*args, **kwargs):
-            raise RuntimeError("Compiler: g++ is not found")
+            # Dynamo wraps the compiler's error, as BackendCompilerFailed does.
+            cause = RuntimeError("Compiler: g++ is not found")
+            raise RuntimeError("backend='inductor' raised:") from cause
 
         return step
 
@@ -314,6 +336,7 @@ def test_failed_compile_falls_back_to_eager(synthetic_dataset, monkeypatch, capl
     with caplog.at_level("WARNING", logger="esfm.train"):
         result = train(synthetic_dataset, TrainConfig(**SMALL, compiled=True))
     assert result.metrics["compiled"] is False
+    assert result.metrics["compile_seconds"] is None
     assert "g++ is not found" in caplog.text
     assert "--no-compile" in caplog.text
     assert np.isfinite(result.metrics["valid_rmse"])
@@ -332,3 +355,14 @@ def test_saved_config_names_the_optimizer(synthetic_dataset, tmp_path):
     )
     assert config["optimizer"] == "adam"
     assert config["lr"] == SMALL["lr"]
+
+
+def test_save_removes_old_model_left_by_dead_save(trained, tmp_path):
+    target = tmp_path / "model"
+    save_model(trained, target)
+    # A save killed while deleting the replaced model leaves this folder.
+    leftover = tmp_path / ".model.old-999999999"
+    leftover.mkdir()
+    (leftover / "config.json").write_text("{}")
+    save_model(trained, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -82,10 +83,17 @@ def test_train_rejects_bad_out_before_training(tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "other.txt").write_text("keep me")
+    # A config.json alone does not make a folder a model to replace.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "config.json").write_text("{}")
+    (mixed / "notes.txt").write_text("keep me too")
     cases = [
         (a_file, "is a file, not a folder"),
-        (a_file / "sub", "cannot create --out"),
-        (full, "non-empty folder that contains no model"),
+        (a_file / "sub", "cannot create"),
+        (full, "is not empty and is not a model folder (it contains other.txt)"),
+        (mixed, "is not empty and is not a model folder (it contains notes.txt)"),
+        (Path("/"), "cannot write a model to '/'"),
     ]
     for out, message in cases:
         result = CliRunner().invoke(
@@ -96,3 +104,16 @@ def test_train_rejects_bad_out_before_training(tmp_path):
         assert message in output
         assert "epoch" not in output
     assert (full / "other.txt").read_text() == "keep me"
+    assert (mixed / "notes.txt").read_text() == "keep me too"
+
+
+def test_train_rejects_current_folder_as_out(tmp_path, monkeypatch):
+    folder = write_ml1m(tmp_path / "ml-1m")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        cli, ["train", "--data", str(folder), "--out", ".", "--epochs", "1"]
+    )
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "is not empty and is not a model folder" in output
+    assert "epoch" not in output
