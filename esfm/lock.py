@@ -63,15 +63,20 @@ def holder_is_gone(held: dict[str, Any]) -> bool:
         pid = int(held["pid"])
     except (KeyError, TypeError, ValueError):
         return False
+    return not process_is_running(pid)
+
+
+def process_is_running(pid: int) -> bool:
+    """Return whether a process with ``pid`` runs on this host (this one counts)."""
     if pid == os.getpid():
-        return False
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:
         return False
-    return False
+    except PermissionError:
+        return True
+    return True
 
 
 def is_stale(held: dict[str, Any], now: dt.datetime | None = None) -> bool:

@@ -60,6 +60,7 @@ from esfm.data import (
     vocabulary_document,
 )
 from esfm.errors import ConfigError, ModelError, TrainingError
+from esfm.lock import process_is_running
 from esfm.model import FactorizationMachine, FMConfig
 
 logger = logging.getLogger(__name__)
@@ -986,21 +987,9 @@ def _remove_stale_old_models(target: Path) -> None:
     """Delete ``.NAME.old-PID`` folders that an interrupted save left behind."""
     for path in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
         pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_is_running(int(pid)):
             logger.info("removing %s, left by an interrupted save", path)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def save_model(result: TrainResult, directory: str | os.PathLike[str]) -> Path:
