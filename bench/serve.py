@@ -282,6 +282,42 @@ def run_load(
     }
 
 
+def paired_rounds(
+    paths: dict[str, tuple[Callable[[], QueryFunction], int]],
+    profiles: list[dict[str, str]],
+    clients: int,
+    rounds: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Run the one- and two-round-trip paths in alternating short rounds.
+
+    Load from other processes changes within minutes on a shared machine, so
+    a ratio of two runs minutes apart measures that change too. Alternating
+    the paths exposes both to the same load, and the median over the rounds
+    is the figure to compare with the goal.
+    """
+    ratios = []
+    for _ in range(rounds):
+        qps = {}
+        for name in ("one_round_trip", "two_round_trip"):
+            result = run_load(
+                paths[name][0],
+                profiles,
+                clients=clients,
+                queries=max(1, args.queries // rounds),
+                seconds=args.seconds / rounds,
+                warmup=args.warmup,
+            )
+            qps[name] = result["qps"]
+        ratios.append(qps["one_round_trip"] / qps["two_round_trip"])
+    return {
+        "ratios": ratios,
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+    }
+
+
 # -- report ----------------------------------------------------------------
 
 
@@ -338,6 +374,12 @@ def main() -> None:
         "--seconds", type=float, default=20.0, help="Time limit per run in seconds."
     )
     parser.add_argument("--warmup", type=int, default=30, help="Queries per thread.")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="Alternating one/two round-trip runs for the paired ratio; 0 skips.",
+    )
     parser.add_argument(
         "--rebuild", action="store_true", help="Rebuild the serve-* index copies."
     )
@@ -413,6 +455,18 @@ def main() -> None:
             f"{ratio:.2f}x; numpy / one-round-trip {floor:.0f}x"
         )
 
+    paired = {}
+    if args.rounds > 0:
+        for clients in sorted({row["clients"] for row in rows}):
+            paired[clients] = paired_rounds(paths, profiles, clients, args.rounds, args)
+            summary = paired[clients]
+            print(
+                f"\n{clients} client(s), {args.rounds} alternating rounds: "
+                f"one-round-trip / two-round-trip throughput median "
+                f"{summary['median']:.2f}x (from {summary['min']:.2f}x to "
+                f"{summary['max']:.2f}x)"
+            )
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -434,6 +488,7 @@ def main() -> None:
         "server_version": server_info(client).version_string,
         "rows": rows,
         "ratios": ratios,
+        "paired_rounds": paired,
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {path}")
