@@ -212,7 +212,8 @@ class Recommender:
         """Return ``v_U``, the sum of the profile's embeddings, and round trips."""
         if not profile:
             raise QueryError(
-                "empty profile: give at least one of gender, age and occupation"
+                "empty profile: give at least one of gender, age and occupation",
+                hint="pass gender, age or occupation (--gender, --age, --occupation)",
             )
         ids = [
             document_id(feature_type, profile[feature_type])

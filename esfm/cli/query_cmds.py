@@ -126,7 +126,7 @@ def query(
     """Cold-start recommendations for a new user from metadata alone."""
     if template not in TEMPLATES:
         raise QueryError(
-            f"template {template!r} cannot be used with esfm query",
+            f"template {template!r} is not a cold-start template for esfm query",
             hint="use --template cold_start; see also esfm similar and esfm recommend",
         )
     recommender = Recommender(
