@@ -287,7 +287,10 @@ def paired_rounds(
     profiles: list[dict[str, str]],
     clients: int,
     rounds: int,
-    args: argparse.Namespace,
+    *,
+    queries: int,
+    seconds: float,
+    warmup: int,
 ) -> dict[str, Any]:
     """Run the one- and two-round-trip paths in alternating short rounds.
 
@@ -304,9 +307,9 @@ def paired_rounds(
                 paths[name][0],
                 profiles,
                 clients=clients,
-                queries=max(1, args.queries // rounds),
-                seconds=args.seconds / rounds,
-                warmup=args.warmup,
+                queries=max(1, queries // rounds),
+                seconds=seconds / rounds,
+                warmup=warmup,
             )
             qps[name] = result["qps"]
         ratios.append(qps["one_round_trip"] / qps["two_round_trip"])
@@ -458,7 +461,15 @@ def main() -> None:
     paired = {}
     if args.rounds > 0:
         for clients in sorted({row["clients"] for row in rows}):
-            paired[clients] = paired_rounds(paths, profiles, clients, args.rounds, args)
+            paired[clients] = paired_rounds(
+                paths,
+                profiles,
+                clients,
+                args.rounds,
+                queries=args.queries,
+                seconds=args.seconds,
+                warmup=args.warmup,
+            )
             summary = paired[clients]
             print(
                 f"\n{clients} client(s), {args.rounds} alternating rounds: "

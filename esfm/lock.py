@@ -67,7 +67,7 @@ def holder_is_gone(held: dict[str, Any]) -> bool:
 
 
 def process_is_running(pid: int) -> bool:
-    """Return whether a process with ``pid`` runs on this host (this one counts)."""
+    """Return whether a process with ``pid`` runs on this host, this one included."""
     if pid == os.getpid():
         return True
     try:

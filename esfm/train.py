@@ -96,10 +96,10 @@ class TrainConfig:
         optimizer: ``rowwise_adam`` (one second moment per embedding row,
             see ``rowwise_adam_rows``) or ``adam`` (one per weight, about
             0.002 lower validation RMSE and a third slower per epoch).
-        lr: initial learning rate; None takes the optimizer's default from
+        lr: initial learning rate. None takes the optimizer's default from
             ``OPTIMIZER_DEFAULTS``.
         weight_decay: L2 strength on the rows a batch touches, per occurrence
-            and averaged over the batch (see the module docstring); None
+            and averaged over the batch (see the module docstring). None
             takes the optimizer's default.
         lr_decay_epoch: the learning rate is multiplied by ``lr_decay`` after
             this epoch (1-based); 0 disables the decay.
@@ -118,8 +118,8 @@ class TrainConfig:
         genres: add movie genres as movie-side features.
         cold_start_holdout: share of users held out entirely (with all their
             ratings) for ``esfm evaluate``; 0 trains on all users.
-        compiled: run the training step through ``torch.compile``; it falls
-            back to the eager step with a warning where compiling fails.
+        compiled: run the training step through ``torch.compile``. Where
+            compiling fails, training warns and runs the eager step.
     """
 
     k: int = 120
@@ -378,6 +378,27 @@ def fm_gradients(
     return grad, d_logit.sum().view(1), squared_error
 
 
+def _adam_step(
+    state: torch.Tensor,
+    grad: torch.Tensor,
+    schedule: torch.Tensor,
+    squares: torch.Tensor,
+    per_column: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Return ``[param | exp_avg | exp_avg_sq]`` after one Adam step.
+
+    ``squares`` is the squared gradient in the layout of ``exp_avg_sq``, and
+    ``per_column`` spreads ``exp_avg_sq`` to one value per column of ``grad``.
+    """
+    beta1, beta2 = _BETAS
+    width = grad.shape[1]
+    exp_avg = state[:, width : 2 * width] * beta1 + grad * (1 - beta1)
+    exp_avg_sq = state[:, 2 * width :] * beta2 + squares * (1 - beta2)
+    denominator = (per_column(exp_avg_sq) / schedule[1]).sqrt() + _EPS
+    param = state[:, :width] - exp_avg / denominator * schedule[0]
+    return torch.cat([param, exp_avg, exp_avg_sq], dim=1)
+
+
 def adam_rows(
     state: torch.Tensor, grad: torch.Tensor, schedule: torch.Tensor
 ) -> torch.Tensor:
@@ -387,13 +408,7 @@ def adam_rows(
     when the row is touched, and bias correction uses the global step count,
     as in ``torch.optim.SparseAdam``.
     """
-    beta1, beta2 = _BETAS
-    width = grad.shape[1]
-    exp_avg = state[:, width : 2 * width] * beta1 + grad * (1 - beta1)
-    exp_avg_sq = state[:, 2 * width :] * beta2 + grad * grad * (1 - beta2)
-    denominator = (exp_avg_sq / schedule[1]).sqrt() + _EPS
-    param = state[:, :width] - exp_avg / denominator * schedule[0]
-    return torch.cat([param, exp_avg, exp_avg_sq], dim=1)
+    return _adam_step(state, grad, schedule, grad * grad, lambda moment: moment)
 
 
 def rowwise_adam_rows(
@@ -401,26 +416,23 @@ def rowwise_adam_rows(
 ) -> torch.Tensor:
     """Return the state of ``[v, w]`` rows after one row-wise Adam step.
 
-    ``state`` is ``[param (k + 1) | exp_avg (k + 1) | s_v | s_w]``. The
-    first moment is kept per element as in Adam. The second moment of the
-    embedding ``v`` is one number per row, a moving average of the mean
-    squared gradient over the row's elements, as in ``partial_rowwise_adam`` of FBGEMM's
-    ``fbgemm_gpu/codegen/genscript/optimizers.py``. The linear
-    weight ``w`` keeps its own second moment. This shrinks each row's state
-    from ``3 (k + 1)`` to ``2 (k + 1) + 2`` numbers, and with it the memory
-    traffic of the step, by about a third.
+    ``state`` is ``[param (k + 1) | exp_avg (k + 1) | s_v | s_w]``. The first
+    moment is kept per element as in Adam. The second moment of the embedding
+    ``v`` is one number per row, a moving average of the mean squared gradient
+    over the row's elements, as in ``partial_rowwise_adam`` of FBGEMM's
+    ``fbgemm_gpu/codegen/genscript/optimizers.py``. The linear weight ``w``
+    keeps its own second moment. This shrinks each row's state from
+    ``3 (k + 1)`` to ``2 (k + 1) + 2`` numbers, and with it the memory traffic
+    of the step, by about a third.
     """
-    beta1, beta2 = _BETAS
-    width = grad.shape[1]
-    k = width - 1
-    exp_avg = state[:, width : 2 * width] * beta1 + grad * (1 - beta1)
+    k = grad.shape[1] - 1
     squares = grad * grad
     squares = torch.cat([squares[:, :k].mean(dim=1, keepdim=True), squares[:, k:]], 1)
-    exp_avg_sq = state[:, 2 * width :] * beta2 + squares * (1 - beta2)
-    per_column = torch.cat([exp_avg_sq[:, :1].expand(-1, k), exp_avg_sq[:, 1:]], 1)
-    denominator = (per_column / schedule[1]).sqrt() + _EPS
-    param = state[:, :width] - exp_avg / denominator * schedule[0]
-    return torch.cat([param, exp_avg, exp_avg_sq], dim=1)
+
+    def per_column(moment: torch.Tensor) -> torch.Tensor:
+        return torch.cat([moment[:, :1].expand(-1, k), moment[:, 1:]], dim=1)
+
+    return _adam_step(state, grad, schedule, squares, per_column)
 
 
 def train_step(
@@ -436,7 +448,7 @@ def train_step(
     one_hot: bool,
     rowwise: bool,
 ) -> torch.Tensor:
-    """Run one lazy Adam step on a batch; return its summed squared error.
+    """Run one lazy Adam step on a batch and return its summed squared error.
 
     Each row of ``state`` contains ``[v, w]`` and its optimizer state (see
     ``adam_rows`` and, with ``rowwise``, ``rowwise_adam_rows``), so one
@@ -464,10 +476,9 @@ def train_step(
 
 
 def _compiled_step() -> Callable[..., torch.Tensor]:
-    # The number of distinct rows changes with every batch, so the shapes
-    # are dynamic from the first call instead of compiled a second time.
-    # nonzero() in distinct_rows splits the step into two graphs; capturing
-    # it in one graph, or leaving distinct_rows eager, ran each step slower.
+    # The number of distinct rows changes with every batch, so shapes are
+    # dynamic from the first call. The step breaks into graphs at nonzero(),
+    # and both ways to avoid that break measured slower (bench/README.md).
     return torch.compile(train_step, dynamic=True)
 
 
@@ -583,7 +594,7 @@ class FusedTrainer:
         started = time.perf_counter()
         try:
             self._run(self.state.clone(), self.bias_state.clone(), index, value, target)
-        except Exception as exc:  # inductor raises many types; all mean "eager"
+        except Exception as exc:  # Inductor raises many types, and each means eager.
             root = exc
             while root.__cause__ is not None:
                 root = root.__cause__
@@ -603,7 +614,7 @@ class FusedTrainer:
     ) -> float:
         """Run one optimizer step; return the summed squared error.
 
-        A non-finite error means the weights are broken; the caller stops
+        A non-finite error means the weights are broken, so the caller stops
         and saves nothing.
         """
         squared_error = self._run(self.state, self.bias_state, index, value, target)
@@ -635,7 +646,7 @@ def _train_epoch(
     on_batch: BatchCallback | None,
 ) -> float:
     order = torch.randperm(len(data), generator=generator)
-    # One gather per epoch; the batches are then contiguous slices of it.
+    # One gather per epoch, so the batches are contiguous slices of it.
     index = data.index.index_select(0, order)
     value = data.value.index_select(0, order)
     rating = data.rating.index_select(0, order)

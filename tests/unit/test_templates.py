@@ -147,7 +147,7 @@ def test_to_json_twice_in_one_template():
         ("{{#toJson}}nope{{/toJson}}", "unknown parameter 'nope'"),
     ],
 )
-def test_template_that_cannot_render_rejected_at_load(tmp_path, body, message):
+def test_unrenderable_template_rejected_at_load(tmp_path, body, message):
     path = tmp_path / "broken.mustache"
     path.write_text(
         "{{!\nname: broken\nversion: 1\nparam k: int = 10\n}}\n" + body, "utf-8"

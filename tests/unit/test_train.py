@@ -322,8 +322,8 @@ def test_compiled_step_matches_eager(synthetic_dataset):
 
 
 def test_failed_compile_falls_back_to_eager(synthetic_dataset, monkeypatch, caplog):
-    # A fake: no machine here lacks a C++ compiler, so the compiled step is
-    # replaced by one that fails the way inductor does without one.
+    # A fake, because the test cannot take the C++ compiler away: the
+    # compiled step is replaced by one that fails as inductor does without one.
     def broken_compile():
         def step(*args, **kwargs):
             # Dynamo wraps the compiler's error, as BackendCompilerFailed does.
@@ -357,7 +357,7 @@ def test_saved_config_names_the_optimizer(synthetic_dataset, tmp_path):
     assert config["lr"] == SMALL["lr"]
 
 
-def test_save_removes_old_model_left_by_dead_save(trained, tmp_path):
+def test_save_removes_stale_old_model(trained, tmp_path):
     target = tmp_path / "model"
     save_model(trained, target)
     # A save killed while deleting the replaced model leaves this folder.
