@@ -1,7 +1,7 @@
 """A local Elasticsearch cluster for development and tests, bound to 127.0.0.1.
 
 The distribution is the ``integ-test-zip`` artifact from Maven Central, fetched
-with ``mvn`` (strict checksums), checked against a pinned SHA-512 and unpacked
+with ``mvn``, checked against a pinned SHA-512 and unpacked
 once into a cache directory. Each node gets its own config, data and log
 directories under ``<ESFM_HOME>/clusters/<name>/``, and the cluster is
 described by ``state.json`` next to them. When called as root, the nodes run
@@ -409,6 +409,25 @@ def _maven_artifact_dir(version: str) -> Path:
     )
 
 
+def maven_command(mvn: str, version: str, target_dir: Path) -> list[str]:
+    """Return the mvn command line that copies the zip of ``version`` there.
+
+    A pinned version is checked against its SHA-512 after the download, so
+    mvn may accept it without the registry's checksum files, which some
+    mirrors do not serve. Any other version needs them (strict checksums).
+    """
+    checksums = "--lax-checksums" if version in PINNED_SHA512 else "--strict-checksums"
+    return [
+        mvn,
+        "--batch-mode",
+        checksums,
+        f"{DEPENDENCY_PLUGIN}:copy",
+        f"-Dartifact={MAVEN_GROUP}:{MAVEN_ARTIFACT}:{version}:zip",
+        f"-DoutputDirectory={target_dir}",
+        f"-Dmaven.repo.local={_maven_repository()}",
+    ]
+
+
 def _fetch_with_maven(
     version: str, target_dir: Path, on_progress: ProgressCallback | None
 ) -> Path:
@@ -419,15 +438,7 @@ def _fetch_with_maven(
             hint="apt-get install maven, or pass a local zip with --dist / "
             "ESFM_ES_DIST",
         )
-    command = [
-        mvn,
-        "--batch-mode",
-        "--strict-checksums",
-        f"{DEPENDENCY_PLUGIN}:copy",
-        f"-Dartifact={MAVEN_GROUP}:{MAVEN_ARTIFACT}:{version}:zip",
-        f"-DoutputDirectory={target_dir}",
-        f"-Dmaven.repo.local={_maven_repository()}",
-    ]
+    command = maven_command(mvn, version, target_dir)
     logger.info("fetching Elasticsearch %s with %s", version, " ".join(command))
     _notify(on_progress, "download", f"fetching Elasticsearch {version} with mvn")
     log_path = target_dir / "mvn.log"

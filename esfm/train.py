@@ -15,8 +15,11 @@ the early-stopping set. Other changes make it fast on a CPU:
   gradient by hand, sums it per row and updates only those rows, as
   ``torch.optim.SparseAdam`` does. The unit tests check the gradient against
   autograd on ``FactorizationMachine``.
-* The step runs through ``torch.compile`` by default, compiled once before
-  the first epoch, with one torch thread.
+* The step runs as one Numba kernel by default (``esfm.numba_step``), which
+  walks the batch without building ``[slots, k]`` tensors and updates the
+  rows in place. The same step in torch tensor operations, eager or through
+  ``torch.compile``, is kept as the reference that the kernel is tested
+  against.
 * Adam's ``weight_decay`` would touch every row at every step, so L2
   regularization is a loss term on the touched rows instead (see
   ``FactorizationMachine.forward_with_penalty``). Its strength
@@ -77,6 +80,14 @@ MODEL_FILES = ("model.safetensors", "vocabulary.json", "config.json", "metrics.j
 MAX_K = 4095
 MAX_THREADS = 1024
 
+# Ways to run the training step: the Numba kernel, the torch step through
+# torch.compile, and the eager torch step.
+KERNELS = ("numba", "torch-compile", "torch")
+
+# With a progress callback, the Numba kernel runs this many batches per call
+# between callbacks, which keeps the callback's Python cost out of each step.
+_BATCHES_PER_CALL = 32
+
 # Learning rate and L2 strength of each optimizer, chosen by the
 # early-stopping RMSE on MovieLens 1M (bench/README.md lists the runs).
 OPTIMIZER_DEFAULTS = {
@@ -106,10 +117,12 @@ class TrainConfig:
         lr_decay: learning-rate factor applied after ``lr_decay_epoch``.
         init_std: standard deviation of the truncated-normal initialization.
         seed: seeds the splits, the initialization and the batch order.
-        threads: torch intra-op threads during training; None keeps torch's
-            default. One thread is the default because the step's tensors
-            are small: with two threads each batch took about 1.6 times as
-            long on the 2-core machine of bench/README.md.
+        threads: torch intra-op threads during training, used by the torch
+            kernels and the RMSE passes; None keeps torch's default. The
+            Numba kernel always runs on one thread. One thread is the default
+            because the step's tensors are small: with two threads each
+            compiled torch step took about 1.6 times as long on the 2-core
+            machine of bench/README.md.
         patience: stop after this many epochs without improvement on the
             early-stopping set; None trains all epochs.
         valid_fraction: share of ratings held out for the validation RMSE.
@@ -118,8 +131,16 @@ class TrainConfig:
         genres: add movie genres as movie-side features.
         cold_start_holdout: share of users held out entirely (with all their
             ratings) for ``esfm evaluate``; 0 trains on all users.
-        compiled: run the training step through ``torch.compile``. Where
-            compiling fails, training warns and runs the eager step.
+        kernel: how the training step runs: ``numba`` (the fused Numba
+            kernel of ``esfm.numba_step``), ``torch-compile`` (the torch step
+            through ``torch.compile``, which needs a C++ compiler) or
+            ``torch`` (the eager torch step). All three compute the same
+            update and differ in rounding. Where compiling fails, training
+            warns and runs the eager torch step.
+        user_dropout: share of training ratings, drawn anew each epoch, whose
+            user-id feature is left out, so that the metadata embeddings
+            learn to rate without it. It lowers the cold-start RMSE and
+            raises the validation RMSE of known users (bench/README.md).
     """
 
     k: int = 120
@@ -138,7 +159,8 @@ class TrainConfig:
     early_stopping_fraction: float = 0.05
     genres: bool = False
     cold_start_holdout: float = 0.0
-    compiled: bool = True
+    kernel: str = "numba"
+    user_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         defaults = OPTIMIZER_DEFAULTS.get(self.optimizer, {})
@@ -152,6 +174,10 @@ class TrainConfig:
             raise ConfigError(
                 f"invalid optimizer {self.optimizer!r}: must be one of "
                 + ", ".join(OPTIMIZER_DEFAULTS)
+            )
+        if self.kernel not in KERNELS:
+            raise ConfigError(
+                f"invalid kernel {self.kernel!r}: must be one of " + ", ".join(KERNELS)
             )
         checks = [
             ("k", 1 <= self.k <= MAX_K, f"an integer from 1 to {MAX_K}"),
@@ -184,6 +210,7 @@ class TrainConfig:
                 0 <= self.cold_start_holdout < 1,
                 "from 0 to below 1",
             ),
+            ("user_dropout", 0 <= self.user_dropout < 1, "from 0 to below 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -491,9 +518,9 @@ class FusedTrainer:
     formula by hand (``fm_gradients``), and the unit tests check it against
     autograd on ``FactorizationMachine``.
 
-    With ``compiled`` the step runs through ``torch.compile`` (inductor);
-    where that fails, for example without a C++ compiler, the trainer logs a
-    warning and runs the same step eagerly.
+    ``kernel`` (one of ``KERNELS``) chooses how the step runs. Where the
+    Numba kernel or ``torch.compile`` fails to compile, for example without
+    a C++ compiler, the trainer logs a warning and runs the eager torch step.
     """
 
     def __init__(
@@ -502,7 +529,7 @@ class FusedTrainer:
         config: TrainConfig,
         *,
         one_hot: bool,
-        compiled: bool = False,
+        kernel: str = "torch",
     ) -> None:
         self.k = model.config.k
         self.scale = model.config.rating_scale
@@ -522,8 +549,9 @@ class FusedTrainer:
             self.state[:, :width] = weights
             self.bias_state = torch.zeros(1, 3)
             self.bias_state[0, 0] = model.linear.global_bias.detach()
-        self.compiled = compiled
-        self._step = _compiled_step() if compiled else train_step
+        self.kernel = kernel
+        self._step = _compiled_step() if kernel == "torch-compile" else train_step
+        self._workspace = None
 
     @property
     def table(self) -> torch.Tensor:
@@ -559,7 +587,7 @@ class FusedTrainer:
         step = self.step_count + 1
         return torch.tensor([self.lr / (1 - beta1**step), 1 - beta2**step])
 
-    def _run(
+    def _run_torch(
         self,
         state: torch.Tensor,
         bias_state: torch.Tensor,
@@ -581,45 +609,140 @@ class FusedTrainer:
                 rowwise=self.rowwise,
             )
 
+    def _run_numba(
+        self,
+        state: torch.Tensor,
+        bias_state: torch.Tensor,
+        index: torch.Tensor,
+        value: torch.Tensor,
+        target: torch.Tensor,
+        batch_size: int,
+        first: int,
+        stop: int,
+    ) -> np.ndarray:
+        from esfm import numba_step
+
+        # The kernel does not check bounds, so the buffers must fit the batch
+        # and every row index must be in the table.
+        used = index[first * batch_size : stop * batch_size]
+        if len(used) and (int(used.min()) < 0 or int(used.max()) >= len(state)):
+            raise TrainingError(
+                f"feature rows from {int(used.min())} to {int(used.max())} are "
+                f"outside the table of {len(state)} rows",
+                hint="encode the ratings with the vocabulary the model was built on",
+            )
+        slots = batch_size * index.shape[1]
+        workspace = self._workspace
+        if workspace is None or not workspace.fits(len(state), self.k, slots):
+            workspace = self._workspace = numba_step.Workspace(
+                len(state), self.k, slots
+            )
+        errors = np.zeros(stop - first, dtype=np.float64)
+        ran = numba_step.run_batches(
+            state.numpy(),
+            bias_state.view(-1).numpy(),
+            index.numpy(),
+            value.numpy(),
+            target.numpy(),
+            batch_size,
+            first,
+            stop,
+            self.step_count,
+            self.lr,
+            self.scale,
+            self.weight_decay,
+            self.rowwise,
+            workspace.position,
+            workspace.rows,
+            workspace.grad,
+            workspace.extra,
+            workspace.summed,
+            errors,
+        )
+        return errors[:ran]
+
     def compile_now(
         self, index: torch.Tensor, value: torch.Tensor, target: torch.Tensor
     ) -> float:
         """Compile the step on copies of the state; return the seconds it took.
 
-        Training then times its epochs without the one-time compile. Where
-        compiling fails the trainer falls back to the eager step.
+        Training then times its epochs without the one-time compile (or, for
+        the Numba kernel, the load from its on-disk cache). Where compiling
+        fails the trainer falls back to the eager torch step.
         """
-        if not self.compiled:
+        if self.kernel == "torch":
             return 0.0
         started = time.perf_counter()
+        state, bias_state = self.state.clone(), self.bias_state.clone()
         try:
-            self._run(self.state.clone(), self.bias_state.clone(), index, value, target)
-        except Exception as exc:  # Inductor raises many types, and each means eager.
+            if self.kernel == "numba":
+                self._run_numba(
+                    state, bias_state, index, value, target, len(target), 0, 1
+                )
+            else:
+                self._run_torch(state, bias_state, index, value, target)
+        except TrainingError:
+            raise
+        except Exception as exc:  # Numba and inductor raise many types.
             root = exc
             while root.__cause__ is not None:
                 root = root.__cause__
             lines = [line.strip() for line in str(root).splitlines() if line.strip()]
             logger.warning(
-                "torch.compile of the training step failed (%s: %s); training "
-                "without it, about half as fast (--no-compile skips the attempt)",
+                "compiling the %s training step failed (%s: %s); training with "
+                "the eager torch step, several times slower (--kernel torch "
+                "skips the attempt)",
+                self.kernel,
                 type(root).__name__,
                 lines[0] if lines else "no message",
             )
-            self.compiled = False
+            self.kernel = "torch"
             self._step = train_step
         return time.perf_counter() - started
 
-    def step(
-        self, index: torch.Tensor, value: torch.Tensor, target: torch.Tensor
-    ) -> float:
-        """Run one optimizer step; return the summed squared error.
+    def run_batches(
+        self,
+        index: torch.Tensor,
+        value: torch.Tensor,
+        target: torch.Tensor,
+        batch_size: int,
+        first: int,
+        stop: int,
+    ) -> np.ndarray:
+        """Run the optimizer steps of batches ``first`` to ``stop - 1``.
 
-        A non-finite error means the weights are broken, so the caller stops
-        and saves nothing.
+        Batch ``j`` is rows ``j * batch_size`` up to the next multiple of the
+        contiguous tensors ``index``, ``value`` and ``target``. Returns the
+        summed squared error of each batch run. The run ends after the first
+        batch whose error is NaN or infinite, because the weights are broken
+        then: the caller stops and saves nothing.
         """
-        squared_error = self._run(self.state, self.bias_state, index, value, target)
-        self.step_count += 1
-        return float(squared_error)
+        if self.kernel == "numba":
+            errors = self._run_numba(
+                self.state,
+                self.bias_state,
+                index,
+                value,
+                target,
+                batch_size,
+                first,
+                stop,
+            )
+            self.step_count += len(errors)
+            return errors
+        errors = []
+        for batch in range(first, stop):
+            rows = slice(batch * batch_size, (batch + 1) * batch_size)
+            error = float(
+                self._run_torch(
+                    self.state, self.bias_state, index[rows], value[rows], target[rows]
+                )
+            )
+            self.step_count += 1
+            errors.append(error)
+            if not math.isfinite(error):
+                break
+        return np.asarray(errors, dtype=np.float64)
 
     def copy_to(self, model: FactorizationMachine) -> None:
         """Write the current weights into ``model``."""
@@ -650,20 +773,27 @@ def _train_epoch(
     index = data.index.index_select(0, order)
     value = data.value.index_select(0, order)
     rating = data.rating.index_select(0, order)
-    size = config.batch_size
+    if config.user_dropout > 0:
+        # encode_ratings puts the user id in column 0. A slot with x = 0
+        # adds nothing to the prediction and gets no gradient.
+        keep = torch.rand(len(value), generator=generator) >= config.user_dropout
+        value[:, 0] *= keep
+    # A batch larger than the data is the whole data, and the clamp keeps the
+    # kernel's buffers and row offsets within the data's size.
+    size = min(config.batch_size, len(data))
     batches = math.ceil(len(data) / size)
+    per_call = batches if on_batch is None else _BATCHES_PER_CALL
     squared_error = 0.0
     seen = 0
-    with torch.no_grad():
-        for batch in range(batches):
-            start, stop = batch * size, (batch + 1) * size
-            error = trainer.step(
-                index[start:stop], value[start:stop], rating[start:stop]
-            )
+    for first in range(0, batches, per_call):
+        errors = trainer.run_batches(
+            index, value, rating, size, first, min(first + per_call, batches)
+        )
+        for batch, error in enumerate(errors.tolist(), start=first):
             if not math.isfinite(error):
                 _raise_diverged(error, epoch, batch + 1)
             squared_error += error
-            seen += min(stop, len(rating)) - start
+            seen += min(size, len(rating) - batch * size)
             if on_batch is not None:
                 on_batch(
                     {
@@ -774,8 +904,9 @@ def _fit(
             sparse=True,
         )
     )
-    one_hot = bool((encoded.value == 1).all())
-    trainer = FusedTrainer(model, config, one_hot=one_hot, compiled=config.compiled)
+    # User dropout zeroes values, which the one-hot torch step would ignore.
+    one_hot = bool((encoded.value == 1).all()) and config.user_dropout == 0
+    trainer = FusedTrainer(model, config, one_hot=one_hot, kernel=config.kernel)
     size = config.batch_size
     compile_seconds = trainer.compile_now(
         train_data.index[:size], train_data.value[:size], train_data.rating[:size]
@@ -852,8 +983,8 @@ def _fit(
         "n_valid": len(valid_data),
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in history])),
         "cpu_seconds_per_epoch": float(np.mean([r["cpu_seconds"] for r in history])),
-        "compiled": trainer.compiled,
-        "compile_seconds": compile_seconds if trainer.compiled else None,
+        "kernel": trainer.kernel,
+        "compile_seconds": compile_seconds if trainer.kernel != "torch" else None,
         "threads": torch.get_num_threads(),
     }
     return TrainResult(model, vocabulary, training_data, config, metrics, held_out)

@@ -119,16 +119,18 @@ def check_model_destination(out: Path) -> None:
     type=int,
     default=1,
     show_default=True,
-    help="Torch CPU threads while training; the step's tensors are small, "
-    "so more threads often run slower.",
+    help="Torch CPU threads while training, for the torch kernels and the RMSE "
+    "passes (the numba kernel runs on one); the step's tensors are small, so "
+    "more threads often run slower.",
 )
 @click.option(
-    "--compile/--no-compile",
-    "compiled",
-    default=True,
+    "--kernel",
+    type=click.Choice(["numba", "torch-compile", "torch"]),
+    default="numba",
     show_default=True,
-    help="Run the training step through torch.compile (needs a C++ compiler; "
-    "without one, training falls back to the slower eager step).",
+    help="How the training step runs: numba is a fused Numba kernel and the "
+    "fastest; torch-compile runs the torch step through torch.compile (needs a "
+    "C++ compiler); torch runs it eagerly, several times slower.",
 )
 @click.option(
     "--patience",
@@ -149,6 +151,15 @@ def check_model_destination(out: Path) -> None:
     show_default=True,
     help="Share of users to hold out entirely for `esfm evaluate` (0.1 = 10%).",
 )
+@click.option(
+    "--user-dropout",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of training ratings per epoch whose user id is left out "
+    "(0.1 = 10%); better cold-start ratings, slightly worse ones for known "
+    "users.",
+)
 @json_option
 @handle_errors
 def train(
@@ -162,10 +173,11 @@ def train(
     weight_decay: float | None,
     seed: int,
     threads: int,
-    compiled: bool,
+    kernel: str,
     patience: int | None,
     genres: bool | None,
     cold_start_holdout: float,
+    user_dropout: float,
     as_json: bool,
 ) -> None:
     """Train a factorization machine on MovieLens and save it to --out."""
@@ -178,9 +190,10 @@ def train(
         "epochs": epochs,
         "seed": seed,
         "threads": threads,
-        "compiled": compiled,
+        "kernel": kernel,
         "optimizer": optimizer,
         "cold_start_holdout": cold_start_holdout,
+        "user_dropout": user_dropout,
     }
     overrides = {
         "batch_size": batch_size,

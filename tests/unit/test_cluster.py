@@ -288,6 +288,17 @@ def test_missing_mvn_names_package(tmp_path, monkeypatch, no_dist_env):
     assert "apt-get install maven" in caught.value.hint
 
 
+def test_maven_checksum_policy_follows_pin(tmp_path):
+    pinned = local_cluster.maven_command("mvn", local_cluster.DEFAULT_VERSION, tmp_path)
+    other = local_cluster.maven_command("mvn", "9.9.8", tmp_path)
+    # The pinned SHA-512 is checked after the download, so a registry without
+    # checksum files must not stop the pinned version.
+    assert "--lax-checksums" in pinned
+    assert "--strict-checksums" not in pinned
+    assert "--strict-checksums" in other
+    assert f"-DoutputDirectory={tmp_path}" in other
+
+
 # --------------------------------------------------------------------------
 # State
 

@@ -12,8 +12,10 @@ import torch
 import esfm.train as train_module
 from esfm.data import load_movielens
 from esfm.errors import ConfigError, ModelError, TrainingError
+from esfm.model import FactorizationMachine, FMConfig
 from esfm.train import (
     MODEL_FILES,
+    FusedTrainer,
     TrainConfig,
     distinct_rows,
     save_model,
@@ -309,16 +311,99 @@ def test_unknown_optimizer_rejected(synthetic_dataset):
         train(synthetic_dataset, TrainConfig(**SMALL, optimizer="sgd"))
 
 
-def test_compiled_step_matches_eager(synthetic_dataset):
-    eager = train(synthetic_dataset, TrainConfig(**SMALL, compiled=False))
-    compiled = train(synthetic_dataset, TrainConfig(**SMALL, compiled=True))
-    assert compiled.metrics["compiled"] is True
-    assert eager.metrics["compiled"] is False
-    # Inductor sums in another order than eager kernels, so the weights
+@pytest.mark.parametrize("kernel", ["numba", "torch-compile"])
+def test_kernel_matches_eager_torch(synthetic_dataset, kernel):
+    eager = train(synthetic_dataset, TrainConfig(**SMALL, kernel="torch"))
+    other = train(synthetic_dataset, TrainConfig(**SMALL, kernel=kernel))
+    assert other.metrics["kernel"] == kernel
+    assert eager.metrics["kernel"] == "torch"
+    assert eager.metrics["compile_seconds"] is None
+    # The kernels add in another order than eager torch, so the weights
     # agree to rounding, not bit for bit.
-    assert compiled.metrics["valid_rmse"] == pytest.approx(
+    assert other.metrics["valid_rmse"] == pytest.approx(
         eager.metrics["valid_rmse"], abs=1e-4
     )
+
+
+def _trainers(optimizer, one_hot):
+    torch.manual_seed(4)
+    model = FactorizationMachine(FMConfig(n_features=20, k=6, init_std=0.2))
+    config = TrainConfig(optimizer=optimizer, lr=0.05, weight_decay=0.1)
+    return [
+        FusedTrainer(model, config, one_hot=one_hot, kernel=kernel)
+        for kernel in ("torch", "numba")
+    ]
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adam", "adam"])
+@pytest.mark.parametrize("one_hot", [True, False])
+def test_numba_steps_match_torch_steps(optimizer, one_hot):
+    torch_trainer, numba_trainer = _trainers(optimizer, one_hot)
+    generator = torch.Generator().manual_seed(7)
+    index = torch.randint(0, 20, (10, 4), generator=generator)
+    value = torch.ones(10, 4)
+    if not one_hot:
+        # Weighted slots, and padding slots (row 20, x = 0) as genres have.
+        value = torch.rand(10, 4, generator=generator) + 0.5
+        index[::3, 3] = 20
+        value[::3, 3] = 0.0
+    target = torch.rand(10, generator=generator) * 4 + 1
+    # Three batches of 4, 4 and 2 ratings, with the rate cut after the first.
+    expected = torch_trainer.run_batches(index, value, target, 4, 0, 1)
+    actual = numba_trainer.run_batches(index, value, target, 4, 0, 1)
+    for trainer in (torch_trainer, numba_trainer):
+        trainer.set_lr(0.01)
+    expected = np.concatenate(
+        [expected, torch_trainer.run_batches(index, value, target, 4, 1, 3)]
+    )
+    actual = np.concatenate(
+        [actual, numba_trainer.run_batches(index, value, target, 4, 1, 3)]
+    )
+    assert numba_trainer.step_count == torch_trainer.step_count == 3
+    assert actual == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(numba_trainer.state, torch_trainer.state, atol=1e-5)
+    assert torch.allclose(numba_trainer.bias_state, torch_trainer.bias_state, atol=1e-6)
+    # The padding row stays zero, weights and moments alike.
+    assert not numba_trainer.state[20].any()
+
+
+def test_numba_stops_at_first_nan_batch():
+    _, trainer = _trainers("rowwise_adam", True)
+    index = torch.randint(0, 20, (12, 3), generator=torch.Generator().manual_seed(1))
+    target = torch.full((12,), 3.0)
+    target[5] = float("nan")
+    errors = trainer.run_batches(index, torch.ones(12, 3), target, 4, 0, 3)
+    assert len(errors) == 2
+    assert np.isfinite(errors[0])
+    assert np.isnan(errors[1])
+    assert trainer.step_count == 2
+
+
+def test_numba_rejects_rows_outside_table():
+    _, trainer = _trainers("rowwise_adam", True)
+    index = torch.tensor([[0, 5, 21]])
+    before = trainer.state.clone()
+    with pytest.raises(TrainingError, match="outside the table of 21 rows"):
+        trainer.run_batches(index, torch.ones(1, 3), torch.ones(1), 1, 0, 1)
+    assert torch.equal(trainer.state, before)
+
+
+def test_numba_workspace_grows_with_batch():
+    # Compiling on a small first batch must not leave buffers too small for
+    # the real batches, because the kernel does not check bounds.
+    _, trainer = _trainers("adam", True)
+    index = torch.arange(20).repeat(3).view(12, 5) % 20
+    value, target = torch.ones(12, 5), torch.full((12,), 4.0)
+    trainer.compile_now(index[:1], value[:1], target[:1])
+    assert trainer.step_count == 0
+    errors = trainer.run_batches(index, value, target, 12, 0, 1)
+    assert np.isfinite(errors).all()
+    assert len(trainer._workspace.rows) >= 20
+
+
+def test_unknown_kernel_rejected(synthetic_dataset):
+    with pytest.raises(ConfigError, match="invalid kernel 'cuda'"):
+        train(synthetic_dataset, TrainConfig(**SMALL, kernel="cuda"))
 
 
 def test_failed_compile_falls_back_to_eager(synthetic_dataset, monkeypatch, caplog):
@@ -334,11 +419,11 @@ def test_failed_compile_falls_back_to_eager(synthetic_dataset, monkeypatch, capl
 
     monkeypatch.setattr(train_module, "_compiled_step", broken_compile)
     with caplog.at_level("WARNING", logger="esfm.train"):
-        result = train(synthetic_dataset, TrainConfig(**SMALL, compiled=True))
-    assert result.metrics["compiled"] is False
+        result = train(synthetic_dataset, TrainConfig(**SMALL, kernel="torch-compile"))
+    assert result.metrics["kernel"] == "torch"
     assert result.metrics["compile_seconds"] is None
     assert "g++ is not found" in caplog.text
-    assert "--no-compile" in caplog.text
+    assert "--kernel torch" in caplog.text
     assert np.isfinite(result.metrics["valid_rmse"])
 
 
@@ -366,3 +451,38 @@ def test_save_removes_stale_old_model(trained, tmp_path):
     (leftover / "config.json").write_text("{}")
     save_model(trained, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_user_dropout_spares_user_rows(synthetic_dataset):
+    def user_row_norm(dropout):
+        config = TrainConfig(**{**SMALL, "lr": 0.05}, user_dropout=dropout)
+        result = train(synthetic_dataset, config)
+        rows = [
+            row
+            for row, (kind, _) in enumerate(result.vocabulary.features)
+            if kind == "user"
+        ]
+        embedding = result.model.export_weights()["embedding"][rows]
+        return float(embedding.norm(dim=1).mean()), result
+
+    trained, plain = user_row_norm(0.0)
+    spared, dropped = user_row_norm(0.95)
+    # Initial rows have a norm of about 0.01 * sqrt(k) = 0.03.
+    assert spared < 0.5 * trained
+    assert dropped.model_id != plain.model_id
+    assert dropped.model_id == user_row_norm(0.95)[1].model_id
+    assert np.isfinite(dropped.metrics["valid_rmse"])
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, float("nan")])
+def test_invalid_user_dropout_rejected(dropout):
+    with pytest.raises(ConfigError, match="invalid user_dropout"):
+        TrainConfig(user_dropout=dropout).validate()
+
+
+def test_batch_larger_than_data_is_one_batch(synthetic_dataset):
+    batches = []
+    config = TrainConfig(**{**SMALL, "batch_size": 10**20, "epochs": 1})
+    result = train(synthetic_dataset, config, on_batch=batches.append)
+    assert [event["batches"] for event in batches] == [1]
+    assert np.isfinite(result.metrics["valid_rmse"])

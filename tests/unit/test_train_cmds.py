@@ -48,6 +48,10 @@ def test_train_then_evaluate(ml100k_dir, tmp_path, monkeypatch):
     assert metrics["model_id"].startswith("ml-100k-")
     assert (out / "model.safetensors").is_file()
 
+    config = json.loads((out / "config.json").read_text())
+    assert config["kernel"] == "numba"
+    assert json.loads((out / "metrics.json").read_text())["kernel"] == "numba"
+
     evaluated = runner.invoke(cli, ["evaluate", "--model", str(out), "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.output)
@@ -68,6 +72,7 @@ def test_train_help_matches_defaults():
     assert f"[default: {defaults.batch_size}]" in text
     assert f"[default: {defaults.optimizer}]" in text
     assert f"[default: {defaults.threads}]" in text
+    assert f"[default: {defaults.kernel}]" in text
     for name, settings in OPTIMIZER_DEFAULTS.items():
         assert f"{settings['lr']:g} with {name}" in text
         assert f"{settings['weight_decay']:g} with {name}" in text
@@ -117,3 +122,23 @@ def test_train_rejects_current_folder_as_out(tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     assert "is not empty and is not a model folder" in output
     assert "epoch" not in output
+
+
+def test_train_kernel_choice(tmp_path):
+    folder = write_ml1m(tmp_path / "ml-1m")
+    runner = CliRunner()
+    rejected = runner.invoke(
+        cli,
+        [
+            "train",
+            "--data",
+            str(folder),
+            "--out",
+            str(tmp_path / "m"),
+            "--kernel",
+            "cuda",
+        ],
+    )
+    assert rejected.exit_code == 2
+    assert "'cuda' is not one of 'numba', 'torch-compile', 'torch'" in rejected.output
+    assert not (tmp_path / "m").exists()
