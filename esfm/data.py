@@ -544,6 +544,7 @@ def _read_table(
             keep_default_na=False,
         )
     except pd.errors.ParserError as exc:
+        _raise_if_interrupted(exc)
         match = _PARSER_LINE.search(str(exc))
         if match is None:
             raise DataError(f"cannot parse {str(path)!r}: {exc}") from exc
@@ -598,6 +599,17 @@ def _check_unique(path: Path, text: str, ids: np.ndarray, what: str) -> None:
 # Ratings, users and movies
 
 
+def _raise_if_interrupted(error: pd.errors.ParserError) -> None:
+    """Re-raise Ctrl-C that pandas reported as a failed read of the buffer.
+
+    pandas turns an exception raised while its C parser reads the buffer,
+    such as the KeyboardInterrupt of a SIGINT, into this ParserError. Reading
+    an in-memory buffer does no I/O, so this message means such an exception.
+    """
+    if "on source failed" in str(error):
+        raise KeyboardInterrupt from error
+
+
 def _read_integer_columns(
     text: str, separator: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -624,7 +636,10 @@ def _read_integer_columns(
             quoting=csv.QUOTE_NONE,
             skip_blank_lines=False,
         )
-    except (ValueError, pd.errors.ParserError, OverflowError):
+    except pd.errors.ParserError as exc:
+        _raise_if_interrupted(exc)
+        return None
+    except (ValueError, OverflowError):
         return None
     lines = text.count("\n") + (not text.endswith("\n"))
     # Extra fields would silently become an index, so count the separators.

@@ -20,10 +20,13 @@ step's last bits: it adds in another order and may fuse multiply-adds.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numba
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 BETA1 = 0.9
 BETA2 = 0.999
@@ -60,8 +63,7 @@ class Workspace:
         )
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
-def run_batches(
+def _run_batches(
     state,
     bias_state,
     index,
@@ -233,3 +235,38 @@ def run_batches(
         bias_state[2] = moment
         bias_state[0] -= average / (np.sqrt(moment / correction) + eps) * step_size
     return stop_batch - first_batch
+
+
+# NumPy's error model leaves out Python's zero check on every division, which
+# kept the Adam loops from vectorizing.
+_OPTIONS = {"nogil": True, "fastmath": _FASTMATH, "error_model": "numpy"}
+
+
+def _cached_kernel():
+    try:
+        return numba.njit(cache=True, **_OPTIONS)(_run_batches)
+    except RuntimeError as error:
+        # Numba raises this when neither __pycache__ beside this file nor its
+        # user-wide cache folder is writable.
+        logger.warning(
+            "cannot cache the Numba training kernel (%s), so each process "
+            "compiles it anew (about 1.5 s); set NUMBA_CACHE_DIR to a writable "
+            "folder to keep it",
+            error,
+        )
+        return uncached_kernel()
+
+
+def uncached_kernel():
+    """Return ``run_batches`` compiled in memory, without Numba's disk cache."""
+    return numba.njit(**_OPTIONS)(_run_batches)
+
+
+def clear_cache() -> None:
+    """Remove the machine code of ``run_batches`` from Numba's disk cache."""
+    cache = getattr(run_batches, "_cache", None)
+    if cache is not None:
+        cache.flush()
+
+
+run_batches = _cached_kernel()

@@ -39,8 +39,10 @@ import glob
 import json
 import logging
 import math
+import numbers
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -94,6 +96,28 @@ OPTIMIZER_DEFAULTS = {
     "rowwise_adam": {"lr": 3e-3, "weight_decay": 0.065},
     "adam": {"lr": 2e-3, "weight_decay": 0.05},
 }
+
+
+_INTEGER_FIELDS = (
+    "k",
+    "epochs",
+    "batch_size",
+    "lr_decay_epoch",
+    "seed",
+    "threads",
+    "patience",
+)
+_OPTIONAL = ("threads", "patience")
+_REAL_FIELDS = (
+    "lr",
+    "weight_decay",
+    "lr_decay",
+    "init_std",
+    "valid_fraction",
+    "early_stopping_fraction",
+    "cold_start_holdout",
+    "user_dropout",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,13 +187,46 @@ class TrainConfig:
     user_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        defaults = OPTIMIZER_DEFAULTS.get(self.optimizer, {})
+        defaults = (
+            OPTIMIZER_DEFAULTS.get(self.optimizer, {})
+            if isinstance(self.optimizer, str)
+            else {}
+        )
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        # NumPy scalars become Python numbers, so that config.json and torch
+        # take them. Other types are left for validate() to reject.
+        for name in _INTEGER_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
+        for name in _REAL_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                with contextlib.suppress(OverflowError):
+                    object.__setattr__(self, name, float(value))
+        if isinstance(self.genres, np.bool_):
+            object.__setattr__(self, "genres", bool(self.genres))
+
+    def _check_types(self) -> None:
+        for name in _INTEGER_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not int and not (value is None and name in _OPTIONAL):
+                raise ConfigError(f"invalid {name} {value!r}: must be an integer")
+        for name in _REAL_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not float:
+                raise ConfigError(f"invalid {name} {value!r}: must be a number")
+        if type(self.genres) is not bool:
+            raise ConfigError(f"invalid genres {self.genres!r}: must be True or False")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid setting."""
+        for name in ("optimizer", "kernel"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ConfigError(f"invalid {name} {value!r}: must be a string")
         if self.optimizer not in OPTIMIZER_DEFAULTS:
             raise ConfigError(
                 f"invalid optimizer {self.optimizer!r}: must be one of "
@@ -179,6 +236,7 @@ class TrainConfig:
             raise ConfigError(
                 f"invalid kernel {self.kernel!r}: must be one of " + ", ".join(KERNELS)
             )
+        self._check_types()
         checks = [
             ("k", 1 <= self.k <= MAX_K, f"an integer from 1 to {MAX_K}"),
             ("epochs", self.epochs >= 1, "a positive integer"),
@@ -190,8 +248,16 @@ class TrainConfig:
                 "a finite number, zero or more",
             ),
             ("lr_decay_epoch", self.lr_decay_epoch >= 0, "zero or more"),
-            ("lr_decay", self.lr_decay > 0, "a positive number"),
-            ("init_std", self.init_std > 0, "a positive number"),
+            (
+                "lr_decay",
+                self.lr_decay > 0 and math.isfinite(self.lr_decay),
+                "a positive number",
+            ),
+            (
+                "init_std",
+                self.init_std > 0 and math.isfinite(self.init_std),
+                "a positive number",
+            ),
             (
                 "threads",
                 self.threads is None or 1 <= self.threads <= MAX_THREADS,
@@ -551,6 +617,7 @@ class FusedTrainer:
             self.bias_state[0, 0] = model.linear.global_bias.detach()
         self.kernel = kernel
         self._step = _compiled_step() if kernel == "torch-compile" else train_step
+        self._numba_kernel = None
         self._workspace = None
 
     @property
@@ -637,8 +704,10 @@ class FusedTrainer:
             workspace = self._workspace = numba_step.Workspace(
                 len(state), self.k, slots
             )
+        if self._numba_kernel is None:
+            self._numba_kernel = numba_step.run_batches
         errors = np.zeros(stop - first, dtype=np.float64)
-        ran = numba_step.run_batches(
+        ran = self._numba_kernel(
             state.numpy(),
             bias_state.view(-1).numpy(),
             index.numpy(),
@@ -673,32 +742,50 @@ class FusedTrainer:
         if self.kernel == "torch":
             return 0.0
         started = time.perf_counter()
-        state, bias_state = self.state.clone(), self.bias_state.clone()
+        batch = (self.state.clone(), self.bias_state.clone(), index, value, target)
         try:
             if self.kernel == "numba":
-                self._run_numba(
-                    state, bias_state, index, value, target, len(target), 0, 1
-                )
+                self._compile_numba(*batch)
             else:
-                self._run_torch(state, bias_state, index, value, target)
+                self._run_torch(*batch)
         except TrainingError:
             raise
         except Exception as exc:  # Numba and inductor raise many types.
-            root = exc
-            while root.__cause__ is not None:
-                root = root.__cause__
-            lines = [line.strip() for line in str(root).splitlines() if line.strip()]
             logger.warning(
-                "compiling the %s training step failed (%s: %s); training with "
-                "the eager torch step, several times slower (--kernel torch "
-                "skips the attempt)",
+                "compiling the %s training step failed (%s); training with the "
+                "eager torch step, several times slower (--kernel torch skips "
+                "the attempt)",
                 self.kernel,
-                type(root).__name__,
-                lines[0] if lines else "no message",
+                _describe(exc),
             )
             self.kernel = "torch"
             self._step = train_step
         return time.perf_counter() - started
+
+    def _compile_numba(
+        self,
+        state: torch.Tensor,
+        bias_state: torch.Tensor,
+        index: torch.Tensor,
+        value: torch.Tensor,
+        target: torch.Tensor,
+    ) -> None:
+        from esfm import numba_step
+
+        arguments = (state, bias_state, index, value, target, len(target), 0, 1)
+        try:
+            self._run_numba(*arguments)
+        except TrainingError:
+            raise
+        except Exception as exc:  # A damaged cache file raises many types.
+            logger.warning(
+                "loading the Numba training kernel failed (%s); clearing its "
+                "entry in Numba's cache and compiling it anew",
+                _describe(exc),
+            )
+            numba_step.clear_cache()
+            self._numba_kernel = numba_step.uncached_kernel()
+            self._run_numba(*arguments)
 
     def run_batches(
         self,
@@ -750,6 +837,15 @@ class FusedTrainer:
             model.embedding.table.weight.copy_(self.table[:, : self.k])
             model.linear.weight.table.weight.copy_(self.table[:, self.k :])
             model.linear.global_bias.copy_(self.bias_state[0, :1])
+
+
+def _describe(error: BaseException) -> str:
+    """Return ``Type: first line`` of the root cause of ``error``."""
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    return f"{type(root).__name__}: {lines[0] if lines else 'no message'}"
 
 
 def _raise_diverged(error: float, epoch: int, batch: int) -> None:
@@ -882,6 +978,12 @@ def _fit(
             f"minus the validation ({config.valid_fraction}) and early-stopping "
             f"({config.early_stopping_fraction}) shares",
             hint="use more data or smaller shares",
+        )
+    if len(split.valid) == 0:
+        raise ConfigError(
+            f"no ratings are left for validation: {len(encoded.rating)} ratings "
+            f"times valid_fraction {config.valid_fraction} rounds to none",
+            hint="use more data or a larger validation share",
         )
     train_data = _Tensors(encoded, split.train)
     stop_data = _Tensors(encoded, split.early_stopping)
@@ -1085,9 +1187,11 @@ def _fsync_directory(path: Path) -> None:
 def check_model_destination(directory: str | os.PathLike[str]) -> Path:
     """Return ``directory`` as an absolute path if a model may be written there.
 
-    A model may go into a missing or empty folder, or replace a folder that
-    contains only model files. Anything else is refused, so a save never
-    deletes other files. A probe folder checks that the parent is writable.
+    A model may go into a missing or empty folder, or replace a model folder:
+    one that contains ``config.json`` and ``model.safetensors`` and no files
+    other than model files. Anything else is rejected, so a save never deletes
+    other files. A probe folder in the nearest existing parent checks that it
+    is writable, and no folder is created.
 
     Raises:
         ModelError: the destination cannot take a model.
@@ -1098,40 +1202,73 @@ def check_model_destination(directory: str | os.PathLike[str]) -> Path:
             f"cannot write a model to {str(target)!r}",
             hint="choose a folder below it for --out",
         )
-    if target.exists():
-        if not target.is_dir():
-            raise ModelError(
-                f"{str(target)!r} is a file, not a folder",
-                hint="choose a new or existing model folder for --out",
-            )
-        entries = sorted(entry.name for entry in target.iterdir())
-        others = [name for name in entries if name not in MODEL_FILES]
-        if others or (entries and "config.json" not in entries):
-            listed = ", ".join(others[:3]) or ", ".join(entries[:3])
-            raise ModelError(
-                f"{str(target)!r} is not empty and is not a model folder "
-                f"(it contains {listed}); refusing to replace it",
-                hint="choose another --out or empty the folder",
-            )
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=target.parent)
+        if target.exists():
+            _check_model_folder(target)
+        parent = target.parent
+        while not parent.exists():
+            parent = parent.parent
+        probe = tempfile.mkdtemp(prefix=f".{target.name[:64]}.probe-", dir=parent)
         os.rmdir(probe)
     except OSError as exc:
         raise ModelError(
             f"cannot create {str(target)!r}: {exc.strerror or exc}",
-            hint="choose a folder you can write to",
+            hint="choose a folder you can write to, with a shorter name",
         ) from exc
     return target
 
 
-def _remove_stale_old_models(target: Path) -> None:
-    """Delete ``.NAME.old-PID`` folders that an interrupted save left behind."""
-    for path in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not process_is_running(int(pid)):
-            logger.info("removing %s, left by an interrupted save", path)
-            shutil.rmtree(path, ignore_errors=True)
+def _check_model_folder(target: Path) -> None:
+    if not target.is_dir():
+        raise ModelError(
+            f"{str(target)!r} is a file, not a folder",
+            hint="choose a new or existing model folder for --out",
+        )
+    entries = sorted(entry.name for entry in target.iterdir())
+    others = [name for name in entries if name not in MODEL_FILES]
+    missing = [
+        name for name in ("config.json", "model.safetensors") if name not in entries
+    ]
+    if others or (entries and missing):
+        listed = ", ".join(others[:3]) or ", ".join(entries[:3])
+        raise ModelError(
+            f"{str(target)!r} is not empty and is not a model folder "
+            f"(it contains {listed}); refusing to replace it",
+            hint="choose another --out or empty the folder",
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _recover_interrupted_saves(target: Path) -> None:
+    """Tidy the folders that interrupted saves left beside ``target``.
+
+    A save names its folders ``.NAME.tmp-PID-*`` (the new model being
+    written) and ``.NAME.old-PID`` (the model it replaces). Those of a
+    process that no longer runs are deleted, except that an old model is
+    moved back into place when ``target`` is missing: the save stopped
+    between moving the old model aside and moving the new one in.
+    """
+    name = re.compile(re.escape(f".{target.name}.") + r"(old|tmp)-([0-9]+)(-.*)?")
+    stale = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
+        match = name.fullmatch(path.name)
+        if match and not process_is_running(int(match.group(2))):
+            stale.append((match.group(1), path))
+    for kind, path in stale:
+        if kind == "old" and not os.path.lexists(target):
+            logger.warning(
+                "restoring %s to %s, after an interrupted save", path, target
+            )
+            os.replace(path, target)
+            continue
+        logger.info("removing %s, left by an interrupted save", path)
+        _remove(path)
 
 
 def save_model(result: TrainResult, directory: str | os.PathLike[str]) -> Path:
@@ -1142,7 +1279,8 @@ def save_model(result: TrainResult, directory: str | os.PathLike[str]) -> Path:
     renamed aside first and deleted only after the new one is in place, so
     an interrupted save leaves either the old or the new model. A renamed
     old model that an interrupted save could not delete is removed by the
-    next save to the same place.
+    next save to the same place, or moved back if no model took its place
+    (see ``_recover_interrupted_saves``).
 
     Returns:
         The model directory, as an absolute path.
@@ -1152,12 +1290,19 @@ def save_model(result: TrainResult, directory: str | os.PathLike[str]) -> Path:
             write failed.
     """
     target = check_model_destination(directory)
-    _remove_stale_old_models(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _recover_interrupted_saves(target)
     _, documents = model_documents(result)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
+    )
     try:
+        # mkdtemp creates the folder with mode 0700; a model folder gets the
+        # mode that the umask gives any new folder.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         for name, document in documents.items():
             payload = (
                 document
@@ -1182,17 +1327,18 @@ def save_model(result: TrainResult, directory: str | os.PathLike[str]) -> Path:
 
 def _replace_directory(staging: Path, target: Path) -> None:
     old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
     try:
+        if os.path.lexists(target):
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            if os.path.lexists(old):
+                _remove(old)
+            os.replace(target, old)
         os.replace(staging, target)
     except BaseException:
-        if old is not None:
+        # Also on Ctrl-C between the two renames: put the old model back.
+        if old is not None and os.path.lexists(old) and not os.path.lexists(target):
             os.replace(old, target)
         raise
     _fsync_directory(target.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)

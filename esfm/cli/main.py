@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import click
 
 from esfm import __version__
@@ -41,5 +44,15 @@ def _register() -> None:
 _register()
 
 
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    """Raise SystemExit for SIGTERM, so cleanup code runs as for Ctrl-C.
+
+    Without this handler SIGTERM ends the process at once, so the cleanup of
+    a model save, which puts the old model back, never runs.
+    """
+    sys.exit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     cli(prog_name="esfm")

@@ -562,3 +562,21 @@ def test_failed_fetch_leaves_no_folder(tmp_path):
     with pytest.raises(DataError, match="download of .* failed"):
         fetch_movielens("movielens-1m", dest, url=missing)
     assert not dest.exists()
+
+
+def test_interrupted_parse_is_not_retried(tmp_path, monkeypatch):
+    # A fake, because a test cannot time a real SIGINT to land inside pandas'
+    # C reader: read_csv fails as it does then, with the interrupt turned
+    # into a ParserError.
+    import esfm.data as data_module
+
+    folder = write_ml1m(tmp_path / "ml-1m")
+
+    def interrupted(*args, **kwargs):
+        raise data_module.pd.errors.ParserError(
+            "Calling read(nbytes) on source failed. Try engine='python'."
+        )
+
+    monkeypatch.setattr(data_module.pd, "read_csv", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_movielens(folder)

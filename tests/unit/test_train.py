@@ -486,3 +486,209 @@ def test_batch_larger_than_data_is_one_batch(synthetic_dataset):
     result = train(synthetic_dataset, config, on_batch=batches.append)
     assert [event["batches"] for event in batches] == [1]
     assert np.isfinite(result.metrics["valid_rmse"])
+
+
+# -- interrupted and unusual saves ----------------------------------------
+
+
+def test_save_follows_umask(trained, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = save_model(trained, tmp_path / "model")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o755
+
+
+def test_save_removes_stale_staging_folder(trained, tmp_path):
+    # A save killed while writing leaves its staging folder, named by its PID.
+    leftover = tmp_path / ".model.tmp-999999999-abc"
+    leftover.mkdir()
+    (leftover / "config.json").write_text("{}")
+    save_model(trained, tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_failed_save_restores_orphaned_old_model(
+    trained, synthetic_dataset, tmp_path, monkeypatch
+):
+    target = tmp_path / "model"
+    save_model(trained, target)
+    before = (target / "config.json").read_bytes()
+    # A save killed between its two renames leaves no model, only this folder.
+    os.replace(target, tmp_path / ".model.old-999999999")
+
+    def failing_write(path, payload):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_module, "_write_file", failing_write)
+    with pytest.raises(ModelError):
+        save_model(trained, target)
+    assert (target / "config.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_save_through_symlink_leaves_no_link(trained, tmp_path):
+    real = tmp_path / "v1"
+    save_model(trained, real)
+    link = tmp_path / "current"
+    link.symlink_to(real)
+    save_model(trained, link)
+    assert link.is_dir()
+    assert not link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]
+
+
+def test_destination_checks_create_nothing(tmp_path):
+    target = tmp_path / "a" / "b" / "model"
+    assert train_module.check_model_destination(target) == target
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_destination_name_too_long(tmp_path):
+    with pytest.raises(ModelError, match="cannot create") as caught:
+        train_module.check_model_destination(tmp_path / ("m" * 300))
+    assert "shorter name" in caught.value.hint
+
+
+def test_lone_config_file_is_not_a_model(trained, tmp_path):
+    target = tmp_path / "other-tool"
+    target.mkdir()
+    (target / "config.json").write_text('{"theirs": true}')
+    with pytest.raises(ModelError, match="is not a model folder"):
+        save_model(trained, target)
+    assert (target / "config.json").read_text() == '{"theirs": true}'
+
+
+def test_empty_validation_split_rejected(synthetic_dataset):
+    tiny = type(synthetic_dataset)(
+        "tiny",
+        synthetic_dataset.ratings.head(4),
+        synthetic_dataset.users,
+        synthetic_dataset.movies,
+    )
+    with pytest.raises(ConfigError, match="no ratings are left for validation"):
+        train(tiny, TrainConfig(**SMALL))
+
+
+_SIGTERM_SCRIPT = """
+import signal, sys, time
+import esfm.train as train_module
+from esfm.cli.main import exit_on_sigterm
+from esfm.train import TrainConfig, save_model, train
+from tests.conftest import make_synthetic_dataset
+
+target = sys.argv[1]
+result = train(make_synthetic_dataset(), TrainConfig(k=4, epochs=1, batch_size=64))
+save_model(result, target)
+real_write = train_module._write_file
+
+def slow_write(path, payload):
+    real_write(path, payload)
+    print("writing", flush=True)
+    time.sleep(30)
+
+train_module._write_file = slow_write
+signal.signal(signal.SIGTERM, exit_on_sigterm)
+other = train(make_synthetic_dataset(), TrainConfig(k=4, epochs=1, seed=1))
+save_model(other, target)
+"""
+
+
+def test_sigterm_mid_save_keeps_old_model(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    target = tmp_path / "model"
+    root = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SIGTERM_SCRIPT, str(target)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "writing"
+        before = (target / "config.json").read_bytes()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    assert (target / "config.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_damaged_numba_cache_compiles_anew(synthetic_dataset, monkeypatch, caplog):
+    # A fake, because a damaged cache file cannot be made on purpose without
+    # knowing Numba's file layout: the cached kernel fails as it did when a
+    # truncated cache file was loaded.
+    import pickle
+
+    from esfm import numba_step
+
+    def damaged(*args):
+        raise pickle.UnpicklingError("pickle data was truncated")
+
+    cleared = []
+    monkeypatch.setattr(numba_step, "run_batches", damaged)
+    monkeypatch.setattr(numba_step, "clear_cache", lambda: cleared.append(True))
+    with caplog.at_level("WARNING", logger="esfm.train"):
+        result = train(synthetic_dataset, TrainConfig(**SMALL))
+    assert result.metrics["kernel"] == "numba"
+    assert cleared == [True]
+    assert "pickle data was truncated" in caplog.text
+
+
+def test_unwritable_numba_cache_runs_uncached(monkeypatch, caplog):
+    # A fake, because root can write to every cache folder that Numba tries:
+    # njit raises as it does when none is writable.
+    from esfm import numba_step
+
+    real_njit = numba_step.numba.njit
+
+    def njit(**options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function '_run_batches': no locator")
+        return real_njit(**options)
+
+    monkeypatch.setattr(numba_step.numba, "njit", njit)
+    with caplog.at_level("WARNING", logger="esfm.numba_step"):
+        kernel = numba_step._cached_kernel()
+    assert "NUMBA_CACHE_DIR" in caplog.text
+    assert kernel.py_func is numba_step._run_batches
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "expected"),
+    [
+        ("k", True, "must be an integer"),
+        ("k", "8", "must be an integer"),
+        ("batch_size", 1000.5, "must be an integer"),
+        ("epochs", 1.5, "must be an integer"),
+        ("threads", 1.5, "must be an integer"),
+        ("lr", "0.1", "must be a number"),
+        ("user_dropout", True, "must be a number"),
+        ("genres", "no", "must be True or False"),
+        ("optimizer", ["adam"], "must be a string"),
+        ("lr_decay", float("inf"), "must be a positive number"),
+        ("init_std", float("inf"), "must be a positive number"),
+    ],
+)
+def test_setting_of_wrong_type_rejected(setting, value, expected):
+    with pytest.raises(ConfigError, match=f"invalid {setting} .*{expected}"):
+        TrainConfig(**{setting: value}).validate()
+
+
+def test_numpy_scalars_become_python_numbers(synthetic_dataset):
+    config = TrainConfig(
+        **{**SMALL, "seed": np.int64(3), "lr": np.float32(0.01)},
+        genres=np.bool_(True),
+    )
+    config.validate()
+    assert type(config.seed) is int
+    assert type(config.lr) is float
+    assert config.genres is True
+    assert np.isfinite(train(synthetic_dataset, config).metrics["valid_rmse"])
