@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import glob
 import json
 import logging
@@ -44,6 +45,8 @@ import os
 import platform
 import re
 import shutil
+import signal
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -1208,12 +1211,16 @@ def check_model_destination(directory: str | os.PathLike[str]) -> Path:
         parent = target.parent
         while not parent.exists():
             parent = parent.parent
-        probe = tempfile.mkdtemp(prefix=f".{target.name[:64]}.probe-", dir=parent)
+        # The probe has the staging folder's name, so a name too long for it
+        # fails here rather than after training.
+        probe = tempfile.mkdtemp(prefix=_staging_prefix(target), dir=parent)
         os.rmdir(probe)
     except OSError as exc:
+        hint = "choose a folder you can write to"
+        if exc.errno == errno.ENAMETOOLONG:
+            hint = "choose a shorter folder name for --out"
         raise ModelError(
-            f"cannot create {str(target)!r}: {exc.strerror or exc}",
-            hint="choose a folder you can write to, with a shorter name",
+            f"cannot create {str(target)!r}: {exc.strerror or exc}", hint=hint
         ) from exc
     return target
 
@@ -1290,19 +1297,16 @@ def save_model(result: TrainResult, directory: str | os.PathLike[str]) -> Path:
             write failed.
     """
     target = check_model_destination(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
     _recover_interrupted_saves(target)
     _, documents = model_documents(result)
 
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
-    )
+    staging = None
     try:
-        # mkdtemp creates the folder with mode 0700; a model folder gets the
-        # mode that the umask gives any new folder.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
+        with _signals_held():
+            staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=parent))
+            staging.chmod(_folder_mode(parent))
         for name, document in documents.items():
             payload = (
                 document
@@ -1311,18 +1315,51 @@ def save_model(result: TrainResult, directory: str | os.PathLike[str]) -> Path:
             )
             _write_file(staging / name, payload)
         _fsync_directory(staging)
-        _replace_directory(staging, target)
+        with _signals_held():
+            _replace_directory(staging, target)
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise ModelError(
             f"cannot write model directory {str(target)!r}: {exc}",
             hint="check free disk space and permissions",
         ) from exc
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("saved model %s to %s", documents["config.json"]["model_id"], target)
     return target
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-{os.getpid()}-"
+
+
+def _folder_mode(parent: Path) -> int:
+    """Return the mode ``mkdir`` would give a new folder in ``parent``.
+
+    mkdtemp creates its folder with mode 0700. A model folder gets the mode
+    of the umask instead, and keeps the setgid bit of a shared parent.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 & ~umask) | (parent.stat().st_mode & stat.S_ISGID)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the block, so it runs whole.
+
+    A signal that arrives meanwhile is delivered when the block ends, so the
+    folder renames of a save are never cut in half.
+    """
+    signals = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _replace_directory(staging: Path, target: Path) -> None:

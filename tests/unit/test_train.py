@@ -545,10 +545,23 @@ def test_destination_checks_create_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_destination_name_too_long(tmp_path):
+@pytest.mark.parametrize("length", [240, 300])
+def test_destination_name_too_long(tmp_path, length):
+    # 240 characters fit a folder name but not the staging folder's name.
     with pytest.raises(ModelError, match="cannot create") as caught:
-        train_module.check_model_destination(tmp_path / ("m" * 300))
-    assert "shorter name" in caught.value.hint
+        train_module.check_model_destination(tmp_path / ("m" * length))
+    assert "shorter folder name" in caught.value.hint
+
+
+def test_save_keeps_setgid_of_shared_parent(trained, tmp_path):
+    import stat
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2770)
+    path = save_model(trained, shared / "model")
+    assert path.stat().st_mode & stat.S_ISGID
+    assert (path / "config.json").stat().st_gid == shared.stat().st_gid
 
 
 def test_lone_config_file_is_not_a_model(trained, tmp_path):
