@@ -984,8 +984,9 @@ def _fit(
         )
     if len(split.valid) == 0:
         raise ConfigError(
-            f"no ratings are left for validation: {len(encoded.rating)} ratings "
-            f"times valid_fraction {config.valid_fraction} rounds to none",
+            f"no ratings are left for validation: {len(encoded.rating)} "
+            f"rating(s) times valid_fraction {config.valid_fraction} rounds to "
+            "none",
             hint="use more data or a larger validation share",
         )
     train_data = _Tensors(encoded, split.train)
@@ -1191,10 +1192,11 @@ def check_model_destination(directory: str | os.PathLike[str]) -> Path:
     """Return ``directory`` as an absolute path if a model may be written there.
 
     A model may go into a missing or empty folder, or replace a model folder:
-    one that contains ``config.json`` and ``model.safetensors`` and no files
-    other than model files. Anything else is rejected, so a save never deletes
-    other files. A probe folder in the nearest existing parent checks that it
-    is writable, and no folder is created.
+    one that contains ``config.json`` (with esfm's ``model_id``) and
+    ``model.safetensors``, and no files other than model files. Anything else
+    is rejected, so a save never deletes other files. A probe folder in the
+    nearest existing parent checks that it is writable, and no folder is
+    created.
 
     Raises:
         ModelError: the destination cannot take a model.
@@ -1243,6 +1245,20 @@ def _check_model_folder(target: Path) -> None:
             f"(it contains {listed}); refusing to replace it",
             hint="choose another --out or empty the folder",
         )
+    if entries and not _is_esfm_config(target / "config.json"):
+        raise ModelError(
+            f"{str(target)!r} contains a config.json without an esfm model_id, "
+            "so it is another program's model folder; refusing to replace it",
+            hint="choose another --out or empty the folder",
+        )
+
+
+def _is_esfm_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("model_id"), str)
 
 
 def _remove(path: Path) -> None:

@@ -573,6 +573,17 @@ def test_lone_config_file_is_not_a_model(trained, tmp_path):
     assert (target / "config.json").read_text() == '{"theirs": true}'
 
 
+def test_other_programs_model_folder_kept(trained, tmp_path):
+    # The layout of a Hugging Face save_pretrained folder.
+    target = tmp_path / "bert"
+    target.mkdir()
+    (target / "config.json").write_text('{"model_type": "bert"}')
+    (target / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ModelError, match="without an esfm model_id"):
+        save_model(trained, target)
+    assert (target / "model.safetensors").read_bytes() == b"weights"
+
+
 def test_empty_validation_split_rejected(synthetic_dataset):
     tiny = type(synthetic_dataset)(
         "tiny",
