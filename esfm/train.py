@@ -190,11 +190,10 @@ class TrainConfig:
     user_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        defaults = (
-            OPTIMIZER_DEFAULTS.get(self.optimizer, {})
-            if isinstance(self.optimizer, str)
-            else {}
-        )
+        # An unhashable optimizer is left for validate() to reject.
+        defaults = {}
+        if isinstance(self.optimizer, str):
+            defaults = OPTIMIZER_DEFAULTS.get(self.optimizer, {})
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
